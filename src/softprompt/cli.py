@@ -1,0 +1,195 @@
+"""`softprompt COMMAND ...`: thin wrappers over the typed Python functions. Errors print on one line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+
+from .config import TrainConfig, add_dataclass_args, config_from_args
+from .errors import SoftPromptError
+
+
+def _cmd_train(args) -> int:
+    from .train import train
+
+    cfg = config_from_args(TrainConfig, args)
+    _say(f"loading model {cfg.model or 'embedded SmolLM2-135M-Instruct'} ...")
+    try:
+        result = train(cfg)
+    except KeyboardInterrupt:
+        _say(f"interrupted: checkpoint saved in {cfg.output}; continue with --resume")
+        return 130
+    m = result.metrics
+    _say(f"wrote {result.output} ({m['steps']} steps, {m['examples_seen']} examples, {m['wall_time_s']:.0f}s, "
+         f"final train loss {m['final_train_loss']:.4f}"
+         + (f", best validation {m['best_val_accuracy']:.4f} at step {m['best_step']}" if "best_val_accuracy" in m else "")
+         + ")")
+    return 0
+
+
+def _template_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--input-template", help="override the prompt's input template")
+    p.add_argument("--output-template", help="override the prompt's output template")
+    p.add_argument("--label-map", help="e.g. 0=negative,1=positive")
+    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None, help="use the chat template")
+
+
+def _common_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="hub id, folder or .gguf (default: the prompt's base, else embedded SmolLM2)")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--device", default="auto")
+
+
+def _cmd_eval(args) -> int:
+    from .evaluate import evaluate
+
+    result = evaluate(args.data, args.prompt, model=args.model, input_template=args.input_template,
+                      output_template=args.output_template, label_map=args.label_map, chat=args.chat,
+                      limit=args.limit, batch_size=args.batch_size, dtype=args.dtype, device=args.device,
+                      progress=not args.json)
+    if args.json:
+        print(json.dumps({k: v for k, v in result.items() if k != "predictions"}))
+        return 0
+    print(f"prompt:     {result['prompt'] or '(none: untuned model)'}")
+    print(f"examples:   {result['n']}")
+    print(f"loss:       {result['loss']:.4f}  (perplexity {result['perplexity']:.2f})")
+    if "accuracy" in result:
+        print(f"accuracy:   {result['accuracy']:.4f}  over labels {result['labels']}")
+    return 0
+
+
+def _cmd_generate(args) -> int:
+    from .generate import generate
+    from .model import load_model
+    from .evaluate import _prompt_model
+    from .prompt import SoftPrompt
+
+    texts = args.text or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    if not texts:
+        raise SoftPromptError("no input text: pass it as an argument or on standard input")
+    base = load_model(args.model if args.model else _prompt_model(args.prompt), dtype=args.dtype, device=args.device)
+    prompt = SoftPrompt.load(args.prompt, base) if args.prompt else None
+    kw = dict(base=base, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+              seed=args.seed, stop=args.stop or (), raw=args.raw)
+    tuned = generate(texts, prompt, **kw)
+    if not args.compare:
+        for t in tuned:
+            print(t)
+        return 0
+    from .data import Template
+
+    template = Template.from_dict(prompt.template) if prompt is not None and prompt.template else None
+    untuned = generate(texts, None, template=None if args.raw else template, **kw)
+    for text, before, after in zip(texts, untuned, tuned):
+        print(f"input:   {text}\nuntuned: {before.strip()!r}\ntuned:   {after.strip()!r}\n")
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from .peft_io import export_peft
+
+    if args.format != "peft":
+        raise SoftPromptError(f"unknown export format {args.format!r}; supported: peft")
+    out = export_peft(args.prompt, args.output, base_model=args.base_model)
+    _say(f"wrote PEFT prompt-tuning adapter to {out}; load it with PeftModel.from_pretrained(base, {str(out)!r})")
+    return 0
+
+
+def _cmd_import(args) -> int:
+    from .peft_io import import_peft
+
+    out = import_peft(args.adapter, args.output)
+    _say(f"wrote softprompt artifact to {out}")
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(output=args.output, steps=args.steps, model=args.model)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="softprompt", description="Train, evaluate and use soft prompts on frozen language models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a soft prompt", description="Train a soft prompt on a frozen model.")
+    p.add_argument("--config", help="JSON/YAML/TOML file with any of the fields below (flags win)")
+    add_dataclass_args(p, TrainConfig)
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("eval", help="loss and accuracy of a prompt (or the untuned model) on data")
+    p.add_argument("--prompt", help="prompt artifact or PEFT adapter directory (omit: the untuned model)")
+    p.add_argument("--data", required=True)
+    p.add_argument("--limit", type=int)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    _template_args(p)
+    _common_model_args(p)
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("generate", help="generate with a soft prompt")
+    p.add_argument("text", nargs="*", help="input text(s); read from stdin when none")
+    p.add_argument("--prompt", help="prompt artifact or PEFT adapter directory")
+    p.add_argument("--compare", action="store_true", help="print the untuned and the tuned answers side by side")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--raw", action="store_true", help="do not apply the prompt's input template")
+    _common_model_args(p)
+    p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("export", help="write a prompt in another format (PEFT)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--format", default="peft")
+    p.add_argument("--output", required=True)
+    p.add_argument("--base-model", help="base_model_name_or_path to record (default: the prompt's base)")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("import", help="convert a PEFT prompt-tuning adapter into a softprompt artifact")
+    p.add_argument("adapter")
+    p.add_argument("--output", required=True)
+    p.set_defaults(func=_cmd_import)
+
+    p = sub.add_parser("demo", help="train on a small built-in task and show before/after (a few minutes on CPU)")
+    p.add_argument("--output", default="runs/demo")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--model", default=None)
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    warnings.formatwarning = lambda msg, cat, *a, **k: f"softprompt: warning: {msg}\n"
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    args = build_parser().parse_args(argv)
+    debug = bool(os.environ.get("SOFTPROMPT_DEBUG"))
+    try:
+        return args.func(args)
+    except SoftPromptError as e:
+        if debug:
+            raise
+        print(f"softprompt: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("softprompt: interrupted", file=sys.stderr)
+        return 130
+    except (OSError, ValueError, RuntimeError) as e:
+        if debug:
+            raise
+        print(f"softprompt: error: {type(e).__name__}: {e} (set SOFTPROMPT_DEBUG=1 for a traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

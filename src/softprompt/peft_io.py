@@ -1,0 +1,83 @@
+"""To and from PEFT's prompt-tuning adapter format: adapter_config.json + adapter_model.safetensors.
+
+The formats are the same data (one [n, d] tensor named `prompt_embeddings`), so conversion is a copy; PEFT
+is not needed to export or import, only to load the result with `PeftModel.from_pretrained`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from .errors import SoftPromptError
+from .prompt import TENSOR_KEY, SoftPrompt, atomic_write, read_tensor
+
+PEFT_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = "adapter_model.safetensors"
+
+
+def export_peft(prompt: SoftPrompt | str | os.PathLike, output: str | os.PathLike, *, base_model: str | None = None,
+                num_layers: int | None = None, num_attention_heads: int | None = None) -> Path:
+    """Write `prompt` as a PEFT PROMPT_TUNING adapter directory."""
+    from safetensors.torch import save_file
+
+    prompt = prompt if isinstance(prompt, SoftPrompt) else SoftPrompt.load(prompt)
+    base = prompt.meta.get("base") or {}
+    init = prompt.meta.get("init") or {}
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    config = {
+        "peft_type": "PROMPT_TUNING",
+        "task_type": "SEQ_2_SEQ_LM" if base.get("is_encoder_decoder") else "CAUSAL_LM",
+        "num_virtual_tokens": prompt.n_virtual_tokens,
+        "token_dim": prompt.dim,
+        "num_transformer_submodules": 1,
+        "num_attention_heads": num_attention_heads,
+        "num_layers": num_layers,
+        "prompt_tuning_init": "TEXT" if init.get("strategy") == "text" else "RANDOM",
+        "prompt_tuning_init_text": init.get("text") if init.get("strategy") == "text" else None,
+        "tokenizer_name_or_path": None,
+        "tokenizer_kwargs": None,
+        "base_model_name_or_path": base_model or base.get("source"),
+        "revision": None,
+        "inference_mode": True,
+        "auto_mapping": None,
+        "modules_to_save": None,
+    }
+    tensor = {TENSOR_KEY: prompt.embeddings.detach().float().cpu().contiguous()}
+    atomic_write(out / PEFT_WEIGHTS, lambda tmp: save_file(tensor, str(tmp), metadata={"format": "pt"}))
+    atomic_write(out / PEFT_CONFIG, lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n"))
+    return out
+
+
+def read_peft_prompt(directory: str | os.PathLike) -> SoftPrompt:
+    """Read a PEFT PROMPT_TUNING adapter directory as a SoftPrompt (no model fingerprint: only width is checked)."""
+    directory = Path(directory)
+    try:
+        config = json.loads((directory / PEFT_CONFIG).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise SoftPromptError(f"{directory / PEFT_CONFIG}: cannot read ({e})") from None
+    kind = config.get("peft_type")
+    if kind != "PROMPT_TUNING":
+        raise SoftPromptError(f"{directory}: PEFT adapter of type {kind!r}; only PROMPT_TUNING adapters are soft prompts")
+    if config.get("num_transformer_submodules", 1) != 1:
+        raise SoftPromptError(f"{directory}: adapters with num_transformer_submodules != 1 are not supported")
+    weights = directory / PEFT_WEIGHTS
+    if not weights.exists():
+        raise SoftPromptError(f"{directory}: no {PEFT_WEIGHTS} (only safetensors adapters are read, never pickle)")
+    emb = read_tensor(weights, TENSOR_KEY)
+    n = config.get("num_virtual_tokens")
+    if n is not None and emb.shape[0] != n:
+        raise SoftPromptError(f"{directory}: config says {n} virtual tokens, tensor has {emb.shape[0]}")
+    meta = {"base": {"source": config.get("base_model_name_or_path"), "hidden_size": config.get("token_dim")},
+            "init": {"strategy": "peft-import"}, "imported_from": str(directory)}
+    return SoftPrompt(emb, meta)
+
+
+def import_peft(adapter_dir: str | os.PathLike, output: str | os.PathLike, *, template: dict | None = None) -> Path:
+    """Convert a PEFT adapter directory into a softprompt artifact directory."""
+    prompt = read_peft_prompt(adapter_dir)
+    if template:
+        prompt.meta["template"] = template
+    return prompt.save(output)

@@ -1,0 +1,80 @@
+"""Fixtures: a tiny randomly initialised Llama with a real BPE tokenizer, built offline and saved to a folder,
+so tests load it through the same `load_model(folder)` path users take. Plus small generated datasets."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+WORDS_POS = ["great", "wonderful", "superb", "lovely", "brilliant", "excellent"]
+WORDS_NEG = ["awful", "terrible", "boring", "dreadful", "poor", "horrible"]
+SUBJECTS = ["the film", "the plot", "the acting", "this phone", "the meal", "the hotel"]
+
+
+def make_tiny_model_dir(path: Path, seed: int = 0) -> Path:
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    corpus = [f"{s} was {w} . positive negative Review : Sentiment" for s in SUBJECTS for w in WORDS_POS + WORDS_NEG]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus * 3, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>")
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(fast), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=3, tie_word_embeddings=True)
+    model = LlamaForCausalLM(config)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    fast.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return make_tiny_model_dir(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tiny_model_dir):
+    from softprompt import load_model
+
+    return load_model(str(tiny_model_dir), dtype="float32", device="cpu")
+
+
+def sentiment_rows(n: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        label = rng.random() < 0.5
+        word = rng.choice(WORDS_POS if label else WORDS_NEG)
+        rows.append({"input": f"Review: {rng.choice(SUBJECTS)} was {word} .\nSentiment:",
+                     "output": "positive" if label else "negative"})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def sentiment_files(tmp_path):
+    return write_jsonl(tmp_path / "train.jsonl", sentiment_rows(48, 1)), write_jsonl(tmp_path / "dev.jsonl", sentiment_rows(16, 2))
+
+
+@pytest.fixture(scope="session")
+def smol_base():
+    """The embedded SmolLM2-135M (slow tests only; loads once per session)."""
+    from softprompt import load_model
+
+    return load_model(None, dtype="float32", device="cpu")
