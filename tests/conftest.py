@@ -33,10 +33,30 @@ def make_tiny_model_dir(path: Path, seed: int = 0) -> Path:
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                          bos_token_id=1, eos_token_id=2, pad_token_id=3, tie_word_embeddings=True)
     model = LlamaForCausalLM(config)
+    _pretrain(model, fast, seed)
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)
     fast.save_pretrained(path)
     return path
+
+
+def _pretrain(model, tokenizer, seed: int, steps: int = 150) -> None:
+    """A few hundred ms of language modelling, so the tiny model reacts to its inputs like a trained one
+    (a freshly initialised model predicts nearly uniform tokens whatever its prompt)."""
+    rng = random.Random(seed)
+    texts = [f"Review: {rng.choice(SUBJECTS)} was {rng.choice(WORDS_POS + WORDS_NEG)} .\nSentiment: "
+             f"{rng.choice(['positive', 'negative'])}" for _ in range(256)]
+    batch = tokenizer(texts, return_tensors="pt", padding=True)
+    labels = batch.input_ids.masked_fill(batch.attention_mask == 0, -100)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for step in range(steps):
+        rows = slice((step * 32) % 256, (step * 32) % 256 + 32)
+        loss = model(input_ids=batch.input_ids[rows], attention_mask=batch.attention_mask[rows], labels=labels[rows]).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
 
 
 @pytest.fixture(scope="session")

@@ -232,6 +232,9 @@ class BaseModel:
         mask = mask.gather(1, order)
         if labels is not None:
             labels = labels.gather(1, order)
+            # A token is scored only if a real position precedes it (never predicted from padding).
+            real_before = torch.cat([torch.zeros_like(mask[:, :1]), mask[:, :-1]], dim=1)
+            labels = labels.masked_fill(real_before == 0, -100)
         positions = (mask.cumsum(1) - 1).clamp(min=0)
         return Prompted(embeds, mask, positions, labels)
 
