@@ -113,6 +113,24 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+def _cmd_serve(args) -> int:
+    import logging
+
+    from .model import load_model
+    from .serve import ServeConfig, run_server
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(name)s: %(message)s")
+    cfg = ServeConfig(host=args.host, port=args.port, api_key=args.api_key or os.environ.get("SOFTPROMPT_API_KEY") or None,
+                      served_model_name=args.served_model_name, max_running=args.max_running,
+                      max_waiting=args.max_waiting, max_input_tokens=args.max_input_tokens,
+                      max_output_tokens=args.max_output_tokens, request_timeout=args.timeout,
+                      max_body_bytes=args.max_body_bytes, watch_interval=args.watch_interval)
+    _say(f"loading model {args.model or 'embedded SmolLM2-135M-Instruct'} ...")
+    base = load_model(args.model, dtype=args.dtype, device=args.device)
+    run_server(base, args.prompts, cfg)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="softprompt", description="Train, evaluate and use soft prompts on frozen language models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -162,6 +180,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--model", default=None)
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server: many soft prompts on one frozen model",
+                       description="Serve every prompt in --prompts (a model id BASE:PROMPT each) with mixed-prompt "
+                                   "continuous batching. See docs/serving.md.")
+    p.add_argument("--model", help="hub id, folder or .gguf (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--prompts", required=True, help="folder of prompt artifacts / PEFT prompt-tuning adapters, one per subfolder")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="require `Authorization: Bearer KEY` (default: $SOFTPROMPT_API_KEY, else none)")
+    p.add_argument("--served-model-name", help="the base model's name in requests (default: from --model)")
+    p.add_argument("--max-running", type=int, default=32, help="sequences decoded together")
+    p.add_argument("--max-waiting", type=int, default=256, help="queued sequences; beyond this, 429")
+    p.add_argument("--max-input-tokens", type=int, default=2048)
+    p.add_argument("--max-output-tokens", type=int, default=512)
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds a request may take")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    p.add_argument("--watch-interval", type=float, default=2.0, help="seconds between prompt-folder rescans (0: off)")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=_cmd_serve)
     return parser
 
 

@@ -39,7 +39,11 @@ def prepare(base: BaseModel, template: Template, rows: list[dict[str, Any]], *, 
     if not labels:
         return EvalSet(examples, [], None, None, None)
     inputs = [e.input_ids[: e.n_input] for e in examples]
-    label_ids = [encoder.output_ids(text) for text in labels]
+    # Rank classification scores the label's own tokens, without EOS: fair to an untuned model, which
+    # has no reason to stop right after the label.
+    label_ids = [Encoder(base.tokenizer, template, append_eos=False).output_ids(text) for text in labels]
+    if any(not ids for ids in label_ids):
+        raise SoftPromptError(f"{source}: a label tokenises to nothing: {labels}")
     gold = []
     for i, row in enumerate(rows, 1):
         answer = template.render_output(row, f"{source}: row {i}")

@@ -102,6 +102,7 @@ def load_model(
         kwargs["gguf_file"] = gguf_file
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # GGUF dequantisation is chatty; our own errors say what matters
+    hf_logging.disable_progress_bar()
     try:
         config = AutoConfig.from_pretrained(name_or_path, **kwargs)
         auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
@@ -112,6 +113,7 @@ def load_model(
         raise SoftPromptError(f"could not load model {str(model or EMBEDDED_MODEL)!r}: {first}") from None
     finally:
         hf_logging.set_verbosity(verbosity)
+        hf_logging.enable_progress_bar()
     hf_model.to(dev).eval()
     hf_model.requires_grad_(False)  # frozen: autograd computes activation gradients only
     if tokenizer.pad_token_id is None:

@@ -1,0 +1,58 @@
+"""End to end on the embedded SmolLM2-135M-Instruct (GGUF, dequantised): the real model, the real path."""
+
+import json
+
+import pytest
+import torch
+
+from softprompt import SoftPrompt, evaluate, export_peft, generate, train
+
+pytestmark = pytest.mark.slow
+
+
+def test_embedded_model_loads_frozen_with_its_fingerprint(smol_base):
+    fp = smol_base.fingerprint()
+    assert fp["source"] == "SmolLM2-135M-Instruct" and fp["hidden_size"] == 576 and fp["vocab_size"] == 49152
+    assert all(not p.requires_grad for p in smol_base.model.parameters())
+
+
+def test_parity_with_prepended_text_on_the_real_model(smol_base):
+    tok = smol_base.tokenizer
+    init = "Classify the sentiment of this review:"
+    t_ids = tok(init, add_special_tokens=False)["input_ids"]
+    prompt = SoftPrompt.initialise(smol_base, len(t_ids), "text", init_text=init)
+    x = tok(" A gripping, funny film.\nSentiment:", return_tensors="pt")
+    with torch.no_grad():
+        ours = smol_base.forward(smol_base.prepend_prompts(x.input_ids, x.attention_mask, prompt.embeddings)).logits
+        plain = smol_base.model(input_ids=torch.cat([torch.tensor([t_ids]), x.input_ids], 1)).logits
+    assert torch.allclose(ours, plain, atol=1e-3)
+    assert ours[0, -1].argmax() == plain[0, -1].argmax()
+
+
+def test_train_eval_generate_export_on_the_embedded_model(smol_base, tmp_path):
+    from softprompt.demo import make_rows
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in make_rows(24, 1)))
+    dev = tmp_path / "dev.jsonl"
+    dev.write_text("".join(json.dumps(r) + "\n" for r in make_rows(12, 2)))
+    result = train(base=smol_base, data=str(data), output=str(tmp_path / "run"), input_template="Ticket: {ticket}\nTeam:",
+                   output_template=" {team}", virtual_tokens=4, init="labels", steps=6, batch_size=4, lr=0.03, progress=False)
+    assert result.metrics["steps"] == 6
+    before = evaluate(str(dev), None, base=smol_base, input_template="Ticket: {ticket}\nTeam:", output_template=" {team}", progress=False)
+    after = evaluate(str(dev), str(tmp_path / "run"), base=smol_base, progress=False)
+    assert after["loss"] < before["loss"]  # even six steps move the answer loss on the real model
+    text = generate("My parcel never came.", str(tmp_path / "run"), base=smol_base, max_new_tokens=4)
+    assert isinstance(text, str)
+
+    peft = pytest.importorskip("peft")
+    export_peft(result.prompt, tmp_path / "peft")
+    x = smol_base.tokenizer("Ticket: I cannot log in.\nTeam:", return_tensors="pt")
+    with torch.no_grad():
+        ours = smol_base.forward(smol_base.prepend_prompts(x.input_ids, x.attention_mask, result.prompt.embeddings)).logits
+        wrapped = peft.PeftModel.from_pretrained(smol_base.model, str(tmp_path / "peft"))
+        try:
+            theirs = wrapped(input_ids=x.input_ids, attention_mask=x.attention_mask).logits
+        finally:
+            smol_base.model = wrapped.get_base_model()  # PEFT prompt tuning adds no layers; unwrap for later tests
+    assert torch.allclose(ours, theirs, atol=1e-3)
