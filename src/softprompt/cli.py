@@ -44,20 +44,23 @@ def _common_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_eval(args) -> int:
-    from .evaluate import evaluate
+    from .evaluate import evaluate, format_table
 
-    result = evaluate(args.data, args.prompt, model=args.model, input_template=args.input_template,
+    prompts = args.prompt or None
+    result = evaluate(args.data, prompts, model=args.model, input_template=args.input_template,
                       output_template=args.output_template, label_map=args.label_map, chat=args.chat,
                       limit=args.limit, batch_size=args.batch_size, dtype=args.dtype, device=args.device,
-                      progress=not args.json)
+                      progress=not args.json and not args.no_progress, task=args.task,
+                      baselines=args.baselines if args.baselines is not None else ("auto" if prompts else ()),
+                      instruction=args.instruction, shots=args.shots, shots_from=args.shots_from, seed=args.seed,
+                      max_new_tokens=args.max_new_tokens, stop=args.stop, max_length=args.max_length)
     if args.json:
-        print(json.dumps({k: v for k, v in result.items() if k != "predictions"}))
+        drop = {"predictions"}
+        out = {k: v for k, v in result.items() if k not in drop}
+        out["systems"] = [{k: v for k, v in s.items() if k not in drop} for s in result["systems"]]
+        print(json.dumps(out))
         return 0
-    print(f"prompt:     {result['prompt'] or '(none: untuned model)'}")
-    print(f"examples:   {result['n']}")
-    print(f"loss:       {result['loss']:.4f}  (perplexity {result['perplexity']:.2f})")
-    if "accuracy" in result:
-        print(f"accuracy:   {result['accuracy']:.4f}  over labels {result['labels']}")
+    print(format_table(result))
     return 0
 
 
@@ -140,12 +143,29 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_args(p, TrainConfig)
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("eval", help="loss and accuracy of a prompt (or the untuned model) on data")
-    p.add_argument("--prompt", help="prompt artifact or PEFT adapter directory (omit: the untuned model)")
+    p = sub.add_parser("eval", help="evaluate prompts and baselines on data (classification, generation, lm)",
+                       description="Score soft prompts and baselines (untuned model, hand-written instruction, "
+                                   "k-shot examples) on the same rows, and print one table (or --json).")
+    p.add_argument("--prompt", action="append", help="prompt artifact or PEFT adapter directory (repeatable; "
+                   "omit: the untuned model)")
     p.add_argument("--data", required=True)
-    p.add_argument("--limit", type=int)
+    p.add_argument("--task", default="auto", choices=["auto", "classification", "generation", "lm"],
+                   help="auto: lm for an empty input template, classification for a small label set, else generation")
+    p.add_argument("--baselines", help="comma list of untuned, instruction, kshot; 'all' (those whose inputs are "
+                   "available) or 'none' (default with --prompt: all)")
+    p.add_argument("--instruction", help="hand-written instruction placed before each input (default: the prompt's "
+                   "--init-text, if any)")
+    p.add_argument("--shots", type=int, default=4, help="examples in the k-shot baseline (default: 4)")
+    p.add_argument("--shots-from", help="rows for the k-shot baseline (default: the prompt's training data)")
+    p.add_argument("--seed", type=int, default=0, help="seed for drawing the k-shot examples")
+    p.add_argument("--limit", type=int, help="evaluate only the first N rows (quick look)")
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-length", type=int, default=512, help="max tokens per row (input truncated from the left)")
+    p.add_argument("--max-new-tokens", type=int, help="generation: tokens to generate (default: from the references)")
+    p.add_argument("--stop", action="append", help="generation: stop string (repeatable; default: newline when "
+                   "no reference has one)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     _template_args(p)
     _common_model_args(p)
     p.set_defaults(func=_cmd_eval)
@@ -204,7 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun/accelerate, only process 0 talks
+        print(msg, file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -48,6 +48,7 @@ class TrainConfig:
     device: str = opt("auto", "auto | cpu | cuda | cuda:N")
     resume: bool = opt(False, "continue from OUTPUT/checkpoint.safetensors")
     overwrite: bool = opt(False, "start over even if OUTPUT already holds a run")
+    fsdp: bool = opt(False, "shard the frozen base's transformer blocks across processes (PyTorch FSDP2; launch with torchrun/accelerate)")
     trust_remote_code: bool = opt(False, "allow the model's own code from the hub (off by default)")
     progress: bool = opt(True, "show a progress bar")
 

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from .evaluate import prepare as prepare_eval, score
 from .config import TrainConfig, from_kwargs
+from .distributed import World, init_world, shard_frozen_base
 from .data import Encoder, Template, collate, epoch_batches, label_set, read_rows
 from .errors import SoftPromptError
 from .model import BaseModel, load_model
@@ -86,7 +87,13 @@ def train(config: TrainConfig | dict | None = None, /, *, base: BaseModel | None
     if cfg.eval_limit and val_rows:
         val_rows = val_rows[: cfg.eval_limit]
 
-    base = base or load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code)
+    world, device = init_world(cfg.device)
+    if cfg.batch_size < world.size * cfg.grad_accum:
+        raise SoftPromptError(f"batch_size {cfg.batch_size} is smaller than processes x grad_accum "
+                              f"({world.size} x {cfg.grad_accum}); batch_size is the global batch")
+    base = base or load_model(cfg.model, dtype=cfg.dtype, device=device, trust_remote_code=cfg.trust_remote_code)
+    if cfg.fsdp:
+        shard_frozen_base(base.model, world)
     max_length = min(cfg.max_length, base.max_positions - cfg.virtual_tokens)
     examples = Encoder(base.tokenizer, template, max_length=max_length).encode_rows(train_rows, cfg.data)
     valset = prepare_eval(base, template, val_rows, source=cfg.validation, max_length=max_length) if val_rows else None
@@ -104,14 +111,18 @@ def train(config: TrainConfig | dict | None = None, /, *, base: BaseModel | None
     best = prompt.embeddings.detach().clone()
     if cfg.resume:
         best = _load_checkpoint(ckpt_path, cfg, prompt, optimizer, state)
-    out.mkdir(parents=True, exist_ok=True)
-    _trim_log(out / LOG, state["step"])
+    if world.is_main:  # only process 0 writes: checkpoints, log, artifact
+        out.mkdir(parents=True, exist_ok=True)
+        _trim_log(out / LOG, state["step"])
 
     def save_checkpoint():
-        _save_checkpoint(ckpt_path, cfg, prompt, optimizer, state, best)
+        if world.is_main:
+            _save_checkpoint(ckpt_path, cfg, prompt, optimizer, state, best)
+        world.barrier()
 
     pad_id = base.tokenizer.pad_token_id
-    bar = tqdm(total=total, initial=state["step"], desc="train", disable=not cfg.progress, dynamic_ncols=True)
+    bar = tqdm(total=total, initial=state["step"], desc="train", disable=not (cfg.progress and world.is_main),
+               dynamic_ncols=True)
     started = time.perf_counter() - state["elapsed"]
     try:
         while state["step"] < total:
@@ -123,7 +134,7 @@ def train(config: TrainConfig | dict | None = None, /, *, base: BaseModel | None
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(state["step"], cfg, total)
                 batch = [examples[i] for i in indices]
-                loss, tokens = _step(base, prompt, optimizer, batch, cfg, pad_id)
+                loss, tokens = _step(base, prompt, optimizer, batch, cfg, pad_id, world)
                 state["step"] += 1
                 state["batch_in_epoch"] += 1
                 state["examples"] += len(batch)
@@ -140,7 +151,8 @@ def train(config: TrainConfig | dict | None = None, /, *, base: BaseModel | None
                     if state["best_metric"] is None or value > state["best_metric"]:
                         state["best_metric"], state["best_step"] = value, state["step"]
                         best = prompt.embeddings.detach().clone()
-                _append_log(out / LOG, record)
+                if world.is_main:
+                    _append_log(out / LOG, record)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{state['tokens'] / max(state['elapsed'], 1e-9):.0f}",
                                 **({"val": f"{record['val_accuracy']:.3f}"} if "val_accuracy" in record else {}))
@@ -167,25 +179,44 @@ def train(config: TrainConfig | dict | None = None, /, *, base: BaseModel | None
                     "best_step": state["best_step"],
                     **({"best_val_" + ("accuracy" if valset.labels else "neg_loss"): state["best_metric"]} if valset else {})},
     })
-    final.save(out)
-    _plot(out / LOG, out / PLOT)
+    if world.is_main:
+        final.save(out)
+        _plot(out / LOG, out / PLOT)
+    world.barrier()
     return TrainResult(final, out, final.meta["metrics"])
 
 
-def _step(base: BaseModel, prompt: SoftPrompt, optimizer, batch, cfg: TrainConfig, pad_id: int) -> tuple[float, int]:
-    """One optimizer step over `batch`, in grad_accum micro-batches; loss = mean NLL per answer token."""
+def _step(base: BaseModel, prompt: SoftPrompt, optimizer, batch, cfg: TrainConfig, pad_id: int,
+          world: World = World()) -> tuple[float, int]:
+    """One optimizer step over the global `batch`: this process's rows, in grad_accum micro-batches.
+    Loss = mean NLL per answer token of the whole batch, so splitting it (accumulation, processes) changes
+    nothing but float summation order."""
     optimizer.zero_grad(set_to_none=True)
     label_tokens = sum(sum(1 for t in e.labels if t != -100) for e in batch)
-    micro = math.ceil(len(batch) / cfg.grad_accum)
-    total_loss, tokens = 0.0, 0
-    for s in range(0, len(batch), micro):
-        tensors = collate(batch[s:s + micro], pad_id)
+    mine = batch[world.rank::world.size]
+    micro = math.ceil(len(mine) / cfg.grad_accum)
+    # Under FSDP every process must run the same number of forwards (each holds collectives), even with
+    # an empty share of a short last batch: such a micro-batch runs one row with zero weight.
+    pieces = [mine[s:s + micro] for s in range(0, len(mine), micro)] if mine else []
+    if cfg.fsdp:
+        pieces = [pieces[i] if i < len(pieces) else [] for i in range(cfg.grad_accum)]
+    loss_sum = torch.zeros((), device=base.device)
+    tokens = 0
+    for piece in pieces:
+        tensors = collate(piece or batch[:1], pad_id)
         prompted = base.prepend_prompts(tensors["input_ids"], tensors["attention_mask"], prompt.embeddings, tensors["labels"])
         nll, _ = base.sequence_nll(prompted)
-        loss = nll.sum() / label_tokens  # normalised by the whole step's tokens: accumulation changes nothing
+        loss = nll.sum() / label_tokens * (1.0 if piece else 0.0)
         loss.backward()
-        total_loss += loss.item()
-        tokens += int(tensors["attention_mask"].sum())
+        loss_sum += loss.detach()
+        tokens += int(tensors["attention_mask"].sum()) if piece else 0
+    if world.active:
+        if prompt.embeddings.grad is None:
+            prompt.embeddings.grad = torch.zeros_like(prompt.embeddings)
+        world.all_reduce(prompt.embeddings.grad)
+        stats = world.all_reduce(torch.stack([loss_sum.float(), torch.tensor(float(tokens), device=loss_sum.device)]))
+        loss_sum, tokens = stats[0], int(stats[1].item())
+    total_loss = float(loss_sum)
     if cfg.max_grad_norm > 0:
         torch.nn.utils.clip_grad_norm_([prompt.embeddings], cfg.max_grad_norm)
     optimizer.step()
