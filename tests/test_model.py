@@ -108,3 +108,10 @@ def test_unloadable_model_folder_is_a_clear_error(tmp_path):
     (tmp_path / "junk" / "config.json").write_text("{not json")
     with pytest.raises(SoftPromptError, match="could not load model"):
         load_model(str(tmp_path / "junk"))
+
+
+def test_quantize_needs_cuda_and_bitsandbytes(tiny_model_dir):
+    with pytest.raises(SoftPromptError, match="needs a CUDA device"):
+        load_model(str(tiny_model_dir), device="cpu", quantize="4bit")
+    with pytest.raises(SoftPromptError, match="unknown quantize"):
+        load_model(str(tiny_model_dir), device="cpu", quantize="3bit")

@@ -146,3 +146,14 @@ def test_config_rejects_unknown_and_missing_fields():
         train(data="x", output="y", learning_rate=3)
     with pytest.raises(SoftPromptError, match="missing required field"):
         train(data="x")
+
+
+def test_activation_checkpointing_gives_the_same_training(tiny_model_dir, sentiment_files, tmp_path):
+    from softprompt import load_model
+
+    plain = _train(load_model(str(tiny_model_dir), device="cpu"), sentiment_files, tmp_path / "a", steps=3)
+    base = load_model(str(tiny_model_dir), device="cpu")
+    ckpt = _train(base, sentiment_files, tmp_path / "b", steps=3, activation_checkpointing=True)
+    assert any(getattr(m, "gradient_checkpointing", False) and m.training for m in base.model.modules())
+    assert not any(m.training for m in base.model.modules() if isinstance(m, torch.nn.Dropout))
+    assert torch.allclose(plain.prompt.embeddings, ckpt.prompt.embeddings, atol=1e-6)

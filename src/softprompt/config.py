@@ -48,6 +48,8 @@ class TrainConfig:
     device: str = opt("auto", "auto | cpu | cuda | cuda:N")
     resume: bool = opt(False, "continue from OUTPUT/checkpoint.safetensors")
     overwrite: bool = opt(False, "start over even if OUTPUT already holds a run")
+    activation_checkpointing: bool = opt(False, "recompute block activations in backward: less memory, ~30% more time (big models, long rows)")
+    quantize: str | None = opt(None, "store the frozen base in 8bit or 4bit (bitsandbytes, CUDA only)")
     fsdp: bool = opt(False, "shard the frozen base's transformer blocks across processes (PyTorch FSDP2; launch with torchrun/accelerate)")
     trust_remote_code: bool = opt(False, "allow the model's own code from the hub (off by default)")
     progress: bool = opt(True, "show a progress bar")

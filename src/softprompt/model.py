@@ -89,8 +89,13 @@ def load_model(
     dtype: str = "auto",
     device: str = "auto",
     trust_remote_code: bool = False,
+    quantize: str | None = None,
 ) -> BaseModel:
-    """Load a frozen base: a hub id, a local folder, a .gguf file, or None for the embedded SmolLM2-135M."""
+    """Load a frozen base: a hub id, a local folder, a .gguf file, or None for the embedded SmolLM2-135M.
+
+    `quantize="8bit"|"4bit"` stores the frozen weights quantised with bitsandbytes on CUDA (the QLoRA idea
+    applied to prompt tuning: the prompt and activations stay in bf16/fp32).
+    """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -100,6 +105,8 @@ def load_model(
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
+    if quantize:
+        kwargs["quantization_config"] = _bnb_config(quantize, dev, torch_dtype)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # GGUF dequantisation is chatty; our own errors say what matters
     hf_logging.disable_progress_bar()
@@ -114,12 +121,29 @@ def load_model(
     finally:
         hf_logging.set_verbosity(verbosity)
         hf_logging.enable_progress_bar()
-    hf_model.to(dev).eval()
+    if not quantize:  # bitsandbytes places quantised weights itself
+        hf_model.to(dev)
+    hf_model.eval()
     hf_model.requires_grad_(False)  # frozen: autograd computes activation gradients only
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     source = EMBEDDED_MODEL if model is None or str(model) in EMBEDDED_ALIASES else str(model)
     return BaseModel(hf_model, tokenizer, source)
+
+
+def _bnb_config(quantize: str, device: torch.device, compute_dtype: torch.dtype):
+    if quantize not in ("8bit", "4bit"):
+        raise SoftPromptError(f"unknown quantize {quantize!r}; choose 8bit or 4bit")
+    if device.type != "cuda":
+        raise SoftPromptError("quantize needs a CUDA device (bitsandbytes); on CPU use --dtype instead")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise SoftPromptError("quantize needs bitsandbytes: pip install bitsandbytes")
+    from transformers import BitsAndBytesConfig
+
+    if quantize == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype,
+                              bnb_4bit_use_double_quant=True)
 
 
 @dataclass
@@ -205,6 +229,18 @@ class BaseModel:
                 f"not {self.source!r} (hash {self._embedding_hash}); pass the matching --model"
             )
 
+    def enable_activation_checkpointing(self) -> None:
+        """Recompute each block's activations in backward instead of storing them (memory for time)."""
+        kwargs = {"use_reentrant": False}
+        if hasattr(self.model, "activation_checkpointing_enable"):  # transformers >= 5.2x name
+            self.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        # HF checkpoints only in training mode: flip just the checkpointing modules, never dropout layers.
+        for module in self.model.modules():
+            if getattr(module, "gradient_checkpointing", False):
+                module.training = True
+
     # ---- the one place prompts meet the model -------------------------------------------------
 
     def prepend_prompts(
@@ -265,6 +301,7 @@ class BaseModel:
                 inputs_embeds=batch.inputs_embeds,
                 attention_mask=batch.attention_mask,
                 position_ids=batch.position_ids,
+                use_cache=False,
             ).last_hidden_state  # [B, L, d]
         targets = batch.labels[:, 1:]  # position t predicts token t+1
         selected = targets != -100  # [B, L-1]

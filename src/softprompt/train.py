@@ -91,7 +91,10 @@ def train(config: TrainConfig | dict | None = None, /, *, base: BaseModel | None
     if cfg.batch_size < world.size * cfg.grad_accum:
         raise SoftPromptError(f"batch_size {cfg.batch_size} is smaller than processes x grad_accum "
                               f"({world.size} x {cfg.grad_accum}); batch_size is the global batch")
-    base = base or load_model(cfg.model, dtype=cfg.dtype, device=device, trust_remote_code=cfg.trust_remote_code)
+    base = base or load_model(cfg.model, dtype=cfg.dtype, device=device, trust_remote_code=cfg.trust_remote_code,
+                              quantize=cfg.quantize)
+    if cfg.activation_checkpointing:
+        base.enable_activation_checkpointing()
     if cfg.fsdp:
         shard_frozen_base(base.model, world)
     max_length = min(cfg.max_length, base.max_positions - cfg.virtual_tokens)
