@@ -66,3 +66,18 @@ def test_fsdp_without_a_process_group_is_a_clear_error(tiny_model_dir, sentiment
     with pytest.raises(SoftPromptError, match="--fsdp needs a process group"):
         train(model=str(tiny_model_dir), data=str(sentiment_files[0]), output=str(tmp_path / "x"), fsdp=True,
               steps=1, progress=False)
+
+
+def test_scale_bench_runs_through_torchrun_and_fsdp(tmp_path):
+    """The GPU scale script (bench/gpu_scale.py) on a tiny shape on CPU, so it cannot rot before a GPU run."""
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "gpu_scale.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", str(script), "--shape", "tiny",
+           "--device", "cpu", "--steps", "3", "--seq-len", "16", "--out", str(tmp_path)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    import json
+
+    report = json.loads((tmp_path / "scale-tiny.json").read_text())
+    assert report["fsdp"] and report["steps"] == 3 and report["tokens_per_s"] > 0

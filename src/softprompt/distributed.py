@@ -44,8 +44,8 @@ class World:
 
 def init_world(device: str = "auto") -> tuple[World, str]:
     """Join the process group the launcher described (if any); returns the world and this process's device."""
-    size = int(os.environ.get("WORLD_SIZE", "1"))
-    if size <= 1 and not (dist.is_available() and dist.is_initialized()):
+    launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ  # torchrun / accelerate launch, even with 1 process
+    if not launched and not (dist.is_available() and dist.is_initialized()):
         return World(), device
     if not dist.is_available():
         raise SoftPromptError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
