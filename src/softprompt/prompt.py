@@ -25,7 +25,7 @@ TENSOR_FILE = "prompt.safetensors"
 META_FILE = "softprompt.json"
 TENSOR_KEY = "prompt_embeddings"  # the same key PEFT uses, so the tensor file is interchangeable
 FORMAT_VERSION = 1
-INIT_STRATEGIES = ("random", "vocab", "text", "labels")
+INIT_STRATEGIES = ("random", "vocab", "text", "labels", "prompt")
 # BPE vocabularies are ordered roughly by merge frequency, so low ids are the frequent tokens
 # (Lester et al. sample from the 5,000 most common tokens).
 FREQUENT_TOKENS = 5000
@@ -63,9 +63,11 @@ class SoftPrompt(nn.Module):
         *,
         init_text: str | None = None,
         labels: list[str] | None = None,
+        init_prompt: str | os.PathLike | SoftPrompt | None = None,
         seed: int = 0,
     ) -> SoftPrompt:
-        """Make a new prompt for `base`. `init` is one of random | vocab | text | labels."""
+        """Make a new prompt for `base`. `init` is one of random | vocab | text | labels | prompt (transfer:
+        start from `init_prompt`, ours or PEFT's, repeated/truncated to n tokens)."""
         if n_virtual_tokens < 1:
             raise SoftPromptError(f"virtual_tokens must be >= 1, got {n_virtual_tokens}")
         table = base.embedding_matrix().detach().float()  # [V, d]
@@ -92,9 +94,19 @@ class SoftPrompt(nn.Module):
                 rows.append(table[torch.tensor(ids)].mean(0))
             rest = table[_frequent_token_ids(base, n - len(rows), gen)]
             emb = torch.cat([torch.stack(rows), rest]) if rows else rest
+        elif init == "prompt":
+            if init_prompt is None:
+                raise SoftPromptError("init 'prompt' needs init_prompt (a prompt artifact or PEFT adapter to start from)")
+            source = init_prompt if isinstance(init_prompt, SoftPrompt) else SoftPrompt.load(init_prompt, base, strict=False)
+            if source.dim != d:
+                raise SoftPromptError(f"init_prompt has width {source.dim}, the model {d}")
+            rows = source.embeddings.detach().float().cpu()
+            emb = rows.repeat(n // len(rows) + 1, 1)[:n]
         else:
             raise SoftPromptError(f"unknown init {init!r}; choose one of {', '.join(INIT_STRATEGIES)}")
         meta = {"init": {"strategy": init, "text": init_text, "labels": labels, "seed": seed}}
+        if init == "prompt":
+            meta["init"]["prompt"] = str(init_prompt) if not isinstance(init_prompt, SoftPrompt) else init_prompt.meta.get("name")
         meta["base"] = base.fingerprint()
         return cls(emb, meta)
 

@@ -26,12 +26,13 @@ from .data import Encoder, Template, collate, epoch_batches, label_set, read_row
 from .errors import SoftPromptError
 from .model import BaseModel, load_model
 from .prompt import META_FILE, TENSOR_FILE, SoftPrompt, atomic_write
+from .reparam import ReparamPrompt
 
 CHECKPOINT = "checkpoint.safetensors"
 LOG = "metrics.jsonl"
 PLOT = "loss.png"
 # Changing these between a run and its resume would silently change the training: refuse instead.
-RESUME_KEYS = ("data", "batch_size", "grad_accum", "seed", "virtual_tokens", "init", "lr", "schedule", "warmup",
+RESUME_KEYS = ("data", "batch_size", "grad_accum", "seed", "virtual_tokens", "init", "reparam", "lr", "schedule", "warmup",
                "input_template", "output_template", "label_map", "lm", "chat", "max_length", "steps", "epochs")
 
 
@@ -102,16 +103,21 @@ def train(config: TrainConfig | dict | None = None, /, *, base: BaseModel | None
     valset = prepare_eval(base, template, val_rows, source=cfg.validation, max_length=max_length) if val_rows else None
     labels = valset.labels if valset else label_set(template, train_rows)
 
-    prompt = SoftPrompt.initialise(base, cfg.virtual_tokens, cfg.init, init_text=cfg.init_text, labels=labels,
-                                   seed=cfg.seed).to(base.device)
-    optimizer = torch.optim.AdamW([prompt.embeddings], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    init = SoftPrompt.initialise(base, cfg.virtual_tokens, cfg.init, init_text=cfg.init_text, labels=labels,
+                                 init_prompt=cfg.init_prompt, seed=cfg.seed)
+    # The trainable module: forward() -> [n, d] prompt; parameters() are all that trains.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)  # the reparameterisation encoder's init is part of the run's identity
+        prompt = (ReparamPrompt(init.embeddings, cfg.reparam, cfg.reparam_hidden, init.meta) if cfg.reparam else init)
+    prompt = prompt.to(base.device)
+    optimizer = torch.optim.AdamW(list(prompt.parameters()), lr=cfg.lr, weight_decay=cfg.weight_decay)
     lengths = [len(e.input_ids) for e in examples]
     steps_per_epoch = math.ceil(len(examples) / cfg.batch_size)
     total = cfg.steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
     eval_every = cfg.eval_every or max(1, total // 10)
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "examples": 0, "tokens": 0, "elapsed": 0.0,
              "best_step": None, "best_metric": None, "last_loss": None}
-    best = prompt.embeddings.detach().clone()
+    best = prompt().detach().clone()
     if cfg.resume:
         best = _load_checkpoint(ckpt_path, cfg, prompt, optimizer, state)
     if world.is_main:  # only process 0 writes: checkpoints, log, artifact
@@ -148,12 +154,14 @@ def train(config: TrainConfig | dict | None = None, /, *, base: BaseModel | None
                           "lr": optimizer.param_groups[0]["lr"], "tokens_per_s": round(tokens / (time.perf_counter() - t0), 1),
                           "elapsed_s": round(state["elapsed"], 2)}
                 if valset and (state["step"] % eval_every == 0 or state["step"] == total):
-                    metrics = score(base, prompt.embeddings, valset)
+                    with torch.no_grad():
+                        current = prompt().detach()
+                    metrics = score(base, current, valset)
                     record.update({f"val_{k}": v for k, v in metrics.items() if k in ("loss", "accuracy")})
                     value = metrics.get("accuracy", -metrics["loss"])
                     if state["best_metric"] is None or value > state["best_metric"]:
                         state["best_metric"], state["best_step"] = value, state["step"]
-                        best = prompt.embeddings.detach().clone()
+                        best = current.clone()
                 if world.is_main:
                     _append_log(out / LOG, record)
                 bar.update(1)
@@ -173,7 +181,8 @@ def train(config: TrainConfig | dict | None = None, /, *, base: BaseModel | None
     bar.close()
     save_checkpoint()
 
-    final = SoftPrompt(best if valset else prompt.embeddings.detach(), prompt.meta)
+    with torch.no_grad():
+        final = SoftPrompt(best if valset else prompt().detach(), prompt.meta)
     final.meta.update({
         "template": template.to_dict(),
         "training": {k: v for k, v in asdict(cfg).items() if k not in ("resume", "overwrite", "progress")},
@@ -189,7 +198,7 @@ def train(config: TrainConfig | dict | None = None, /, *, base: BaseModel | None
     return TrainResult(final, out, final.meta["metrics"])
 
 
-def _step(base: BaseModel, prompt: SoftPrompt, optimizer, batch, cfg: TrainConfig, pad_id: int,
+def _step(base: BaseModel, prompt: torch.nn.Module, optimizer, batch, cfg: TrainConfig, pad_id: int,
           world: World = World()) -> tuple[float, int]:
     """One optimizer step over the global `batch`: this process's rows, in grad_accum micro-batches.
     Loss = mean NLL per answer token of the whole batch, so splitting it (accumulation, processes) changes
@@ -207,38 +216,42 @@ def _step(base: BaseModel, prompt: SoftPrompt, optimizer, batch, cfg: TrainConfi
     tokens = 0
     for piece in pieces:
         tensors = collate(piece or batch[:1], pad_id)
-        prompted = base.prepend_prompts(tensors["input_ids"], tensors["attention_mask"], prompt.embeddings, tensors["labels"])
+        prompted = base.prepend_prompts(tensors["input_ids"], tensors["attention_mask"], prompt(), tensors["labels"])
         nll, _ = base.sequence_nll(prompted)
         loss = nll.sum() / label_tokens * (1.0 if piece else 0.0)
         loss.backward()
         loss_sum += loss.detach()
         tokens += int(tensors["attention_mask"].sum()) if piece else 0
     if world.active:
-        if prompt.embeddings.grad is None:
-            prompt.embeddings.grad = torch.zeros_like(prompt.embeddings)
-        world.all_reduce(prompt.embeddings.grad)
+        for p in prompt.parameters():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            world.all_reduce(p.grad)
         stats = world.all_reduce(torch.stack([loss_sum.float(), torch.tensor(float(tokens), device=loss_sum.device)]))
         loss_sum, tokens = stats[0], int(stats[1].item())
     total_loss = float(loss_sum)
     if cfg.max_grad_norm > 0:
-        torch.nn.utils.clip_grad_norm_([prompt.embeddings], cfg.max_grad_norm)
+        torch.nn.utils.clip_grad_norm_(list(prompt.parameters()), cfg.max_grad_norm)
     optimizer.step()
     return total_loss, tokens
 
 
-def _save_checkpoint(path: Path, cfg: TrainConfig, prompt: SoftPrompt, optimizer, state: dict, best: torch.Tensor):
-    adam = optimizer.state.get(prompt.embeddings, {})
-    tensors = {"prompt": prompt.embeddings.detach().cpu().contiguous(), "best": best.cpu().contiguous()}
-    if adam:
-        tensors["exp_avg"] = adam["exp_avg"].cpu().contiguous()
-        tensors["exp_avg_sq"] = adam["exp_avg_sq"].cpu().contiguous()
-        state = {**state, "adam_step": float(adam["step"])}
+def _save_checkpoint(path: Path, cfg: TrainConfig, prompt, optimizer, state: dict, best: torch.Tensor):
+    """Every trainable tensor of the prompt module (an encoder too) and its Adam moments, by parameter name."""
+    tensors = {"best": best.cpu().contiguous()}
+    for name, p in prompt.named_parameters():
+        tensors[f"param/{name}"] = p.detach().cpu().contiguous()
+        adam = optimizer.state.get(p, {})
+        if adam:
+            tensors[f"exp_avg/{name}"] = adam["exp_avg"].cpu().contiguous()
+            tensors[f"exp_avg_sq/{name}"] = adam["exp_avg_sq"].cpu().contiguous()
+            state = {**state, "adam_step": float(adam["step"])}
     meta = {"state": json.dumps(state), "config": json.dumps({k: getattr(cfg, k) for k in RESUME_KEYS}),
             "prompt_meta": json.dumps(prompt.meta, default=str)}
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
-def _load_checkpoint(path: Path, cfg: TrainConfig, prompt: SoftPrompt, optimizer, state: dict) -> torch.Tensor:
+def _load_checkpoint(path: Path, cfg: TrainConfig, prompt, optimizer, state: dict) -> torch.Tensor:
     from safetensors import safe_open
 
     try:
@@ -252,17 +265,18 @@ def _load_checkpoint(path: Path, cfg: TrainConfig, prompt: SoftPrompt, optimizer
     if changed:
         raise SoftPromptError(f"--resume with different settings than the checkpoint: {', '.join(changed)} "
                               f"(checkpoint has {', '.join(f'{k}={saved_cfg.get(k)!r}' for k in changed)})")
-    device = prompt.embeddings.device
-    with torch.no_grad():
-        prompt.embeddings.copy_(tensors["prompt"])
-    if "exp_avg" in tensors:
-        optimizer.state[prompt.embeddings] = {
-            "step": torch.tensor(saved_state.pop("adam_step")),
-            "exp_avg": tensors["exp_avg"].to(device),
-            "exp_avg_sq": tensors["exp_avg_sq"].to(device),
-        }
+    adam_step = saved_state.pop("adam_step", None)
+    for name, p in prompt.named_parameters():
+        if f"param/{name}" not in tensors:
+            raise SoftPromptError(f"{path} has no tensor for {name!r}: it was written by another kind of run")
+        with torch.no_grad():
+            p.copy_(tensors[f"param/{name}"])
+        if adam_step is not None:
+            optimizer.state[p] = {"step": torch.tensor(adam_step),
+                                  "exp_avg": tensors[f"exp_avg/{name}"].to(p.device),
+                                  "exp_avg_sq": tensors[f"exp_avg_sq/{name}"].to(p.device)}
     state.update(saved_state)
-    return tensors["best"].to(device)
+    return tensors["best"].to(next(prompt.parameters()).device)
 
 
 def _append_log(path: Path, record: dict) -> None:
