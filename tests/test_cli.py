@@ -72,3 +72,11 @@ def test_prompt_for_another_model_is_an_error(trained, tmp_path, capsys):
 
     other = make_tiny_model_dir(tmp_path / "other", seed=3)
     assert "was trained for model" in _error(capsys, ["generate", "--prompt", str(trained), "--model", str(other), "hi"])
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "generate", "export", "import", "demo"])
+def test_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--help"])
+    assert exit_.value.code == 0
+    assert "usage: softprompt " + command in capsys.readouterr().out

@@ -103,6 +103,7 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, positional: tuple[s
         flag = f.name if f.name in positional else "--" + f.name.replace("_", "-")
         default = None if f.default is MISSING else f.default
         help_text = f.metadata.get("help", "") + ("" if default in (None, False) else f" (default: {default})")
+        help_text = help_text.replace("%", "%%")  # argparse formats help strings with %
         typ = hints[f.name]
         if typ is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
