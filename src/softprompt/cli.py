@@ -109,6 +109,19 @@ def _cmd_import(args) -> int:
     return 0
 
 
+def _cmd_inspect(args) -> int:
+    from .probe import format_report, inspect, write_png
+
+    report = inspect(args.prompt, model=args.model, k=args.top_k, compare=args.compare, dtype=args.dtype,
+                     device=args.device)
+    if args.png:
+        write_png(report, args.png)
+    print(json.dumps(report) if args.json else format_report(report))
+    if args.png:
+        _say(f"wrote {args.png}")
+    return 0
+
+
 def _cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -194,6 +207,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("adapter")
     p.add_argument("--output", required=True)
     p.set_defaults(func=_cmd_import)
+
+    p = sub.add_parser("inspect", help="what a prompt looks like: nearest tokens, norms, drift from its init, "
+                       "similarity to another prompt", description="Nearest vocabulary tokens of each virtual token "
+                       "(cosine), norms against the vocabulary's, distance from the reproduced initialisation, and "
+                       "with --compare the similarity to another prompt for the same model.")
+    p.add_argument("prompt", help="prompt artifact or PEFT adapter directory")
+    p.add_argument("-k", "--top-k", type=int, default=5, help="nearest tokens per virtual token (default: 5)")
+    p.add_argument("--compare", metavar="OTHER_PROMPT", help="also compare with this prompt (cosines, matching)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--png", metavar="FILE", help="write a heat map (nearest tokens, or the --compare cosine matrix)")
+    _common_model_args(p)
+    p.set_defaults(func=_cmd_inspect)
 
     p = sub.add_parser("demo", help="train on a small built-in task and show before/after (a few minutes on CPU)")
     p.add_argument("--output", default="runs/demo")
