@@ -131,8 +131,9 @@ class PromptRegistry:
                 try:
                     path = self._path(name)
                 except SoftPromptError as e:
-                    if name not in self.errors:
+                    if name not in self.errors:  # report (and log) a bad folder once, not on every scan
                         log.warning("skipping %s", e)
+                        report["failed"].append(name)
                     self.errors[name] = str(e)
                     continue
                 sig = self._signature(path)
@@ -284,8 +285,8 @@ def create_app(base: BaseModel, prompts_dir: str | os.PathLike | None, config: S
     limits = Limits(max_input_tokens=cfg.max_input_tokens, max_output_tokens=cfg.max_output_tokens, max_n=cfg.max_n)
     state = ServerState(base, registry, scheduler, cfg, cfg.served_model_name or default_model_name(base), limits)
 
-    def error(status: int, message: str, **kw) -> JSONResponse:
-        return JSONResponse(error_body(status, message, **kw), status_code=status, headers=kw.get("headers"))
+    def error(status: int, message: str, *, headers: dict | None = None, **kw) -> JSONResponse:
+        return JSONResponse(error_body(status, message, **kw), status_code=status, headers=headers)
 
     async def read_json(request: Request) -> dict[str, Any]:
         length = request.headers.get("content-length")
@@ -609,7 +610,7 @@ class _Guard:
     """Outermost ASGI layer: API-key check (all but /health) and response accounting for /metrics."""
 
     def __init__(self, app, state: ServerState):
-        self.app, self.state = app, state
+        self.app, self._server = app, state
         key = state.config.api_key
         self._key = key.encode() if key else None
 
@@ -625,7 +626,7 @@ class _Guard:
 
             body = error_body(401, "missing or invalid API key: send Authorization: Bearer KEY", code="invalid_api_key")
             response = JSONResponse(body, status_code=401, headers={"WWW-Authenticate": "Bearer"})
-            self.state.metrics.record(path, 401, 0.0)
+            self._server.metrics.record(path, 401, 0.0)
             return await response(scope, receive, send)
         start, status = time.monotonic(), [500]
 
@@ -637,7 +638,7 @@ class _Guard:
         try:
             await self.app(scope, receive, send_and_count)
         finally:
-            self.state.metrics.record(path, status[0], time.monotonic() - start)
+            self._server.metrics.record(path, status[0], time.monotonic() - start)
 
     def _authorised(self, scope) -> bool:
         for name, value in scope.get("headers", []):
