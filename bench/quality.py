@@ -1,0 +1,407 @@
+"""Quality benchmark: softprompt against the untuned model, a hand-written instruction, k-shot examples and PEFT
+prompt tuning, on real tasks, with the same model, data, token budget and wall-clock; every system is scored by
+softprompt's evaluator on the same examples.
+
+    python bench/quality.py                 # the full benchmark (< 60 min on 2 CPU cores)
+    python bench/quality.py --quick         # < 10 min
+    python bench/quality.py --tasks sst2    # one task
+    python bench/quality.py --smoke --model DIR --data-dir DIR   # CI: a few steps on tiny data
+
+Data comes from ../shared/data (relative to the repo root; override with --data-dir or $SOFTPROMPT_DATA) and
+is never copied into the repository: seeded subsets are written under --output (default runs/bench).
+Results: OUTPUT/quality.json, OUTPUT/quality.md (the table for BENCHMARKS.md), OUTPUT/sst2-curve.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "src"))
+
+import softprompt  # noqa: E402
+from softprompt.data import Encoder, Template, read_rows  # noqa: E402
+from softprompt.evaluate import System, compare, kshot_prefix, label_scores, prepare  # noqa: E402
+from softprompt.model import resolve_model  # noqa: E402
+from softprompt.prompt import SoftPrompt  # noqa: E402
+
+SEED = 0
+
+
+# ---- tasks --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Budget:
+    steps: int
+    batch_size: int
+    eval_rows: int | None  # None: the whole evaluation split
+
+
+@dataclass
+class Task:
+    name: str
+    kind: str  # classification | generation | lm
+    load: Callable[[Path, random.Random, Budget], tuple[list[dict], list[dict]]]  # (train rows, eval rows)
+    input_template: str
+    output_template: str
+    label_map: str | None
+    instruction: str
+    shots: int
+    full: Budget
+    quick: Budget
+    smoke: Budget = field(default_factory=lambda: Budget(3, 4, 12))
+    peft: str = "clm"  # clm: PEFT's causal-LM prompt-tuning guide; tutorial: the awesome-prompts/quotes tutorial
+    note: str = ""
+
+
+def _strip(rows: list[dict], *keys: str) -> list[dict]:
+    return [{**r, **{k: str(r[k]).strip() for k in keys}} for r in rows]
+
+
+def _subset(rows: list[dict], n: int | None, rng: random.Random) -> list[dict]:
+    if n is None or n >= len(rows):
+        return rows
+    return rng.sample(rows, n)
+
+
+def load_sst2(d: Path, rng: random.Random, b: Budget):
+    train = _strip(read_rows(d / "sst2/train.tsv"), "sentence")
+    train = _subset(train, b.steps * b.batch_size, rng)  # a seeded subset: every row seen about once
+    return train, _subset(_strip(read_rows(d / "sst2/validation.tsv"), "sentence"), b.eval_rows, rng)
+
+
+def load_rte(d: Path, rng: random.Random, b: Budget):
+    return read_rows(d / "rte_glue/train.tsv"), _subset(read_rows(d / "rte_glue/validation.tsv"), b.eval_rows, rng)
+
+
+def _fewglue(task: str):
+    def load(d: Path, rng: random.Random, b: Budget):
+        fix = lambda rows: [{**r, "label": str(r["label"]).lower()} for r in rows]  # noqa: E731  (JSON true -> "true")
+        train = fix(read_rows(d / f"superglue_fewglue/{task}/train.jsonl"))
+        return train, _subset(fix(read_rows(d / f"superglue_fewglue/{task}/val.jsonl")), b.eval_rows, rng)
+    return load
+
+
+def _split_corpus(path: str, column: str, test_fraction: float):
+    def load(d: Path, rng: random.Random, b: Budget):
+        rows = [{column: str(r[column]).strip()} for r in read_rows(d / path) if str(r.get(column) or "").strip()]
+        rows = rng.sample(rows, len(rows))
+        n_test = max(2, int(len(rows) * test_fraction))
+        return rows[n_test:], _subset(rows[:n_test], b.eval_rows, rng)
+    return load
+
+
+def load_e2e(d: Path, rng: random.Random, b: Budget):
+    """Train on a seeded set of meaning representations of the devset (all their references); evaluate on a
+    seeded set of test MRs with all their references (rows with the same MR are one multi-reference example)."""
+    dev = read_rows(d / "e2e_nlg/devset.csv")
+    mrs = sorted({r["mr"] for r in dev})
+    keep = set(rng.sample(mrs, min(len(mrs), max(1, b.steps * b.batch_size // 8))))
+    train = [r for r in dev if r["mr"] in keep]
+    test = read_rows(d / "e2e_nlg/testset_w_refs.csv")
+    test_mrs = sorted({r["mr"] for r in test})
+    chosen = set(_subset(test_mrs, b.eval_rows, rng))
+    return train, [r for r in test if r["mr"] in chosen]
+
+
+TASKS = [
+    Task("sst2", "classification", load_sst2, "Review: {sentence}\nSentiment:", " {label}", "0=negative,1=positive",
+         "Classify the sentiment of the movie review as positive or negative.", 2,
+         full=Budget(70, 16, None), quick=Budget(12, 16, 150)),
+    Task("rte", "classification", load_rte, "{sentence1}\nQuestion: {sentence2} Yes or no?\nAnswer:", " {label}",
+         "entailment=yes,not_entailment=no",
+         "Does the first sentence imply the second? Answer yes or no.", 1,
+         full=Budget(30, 8, None), quick=Budget(6, 8, 60)),
+    Task("boolq", "classification", _fewglue("BoolQ"), "{passage}\nQuestion: {question}?\nAnswer:", " {label}",
+         "true=yes,false=no", "Read the passage and answer the question with yes or no.", 1,
+         full=Budget(20, 8, 200), quick=Budget(4, 8, 40), note="32 training rows (FewGLUE); seeded subset of val"),
+    Task("cb", "classification", _fewglue("CB"), "{premise}\nQuestion: {hypothesis} Yes, no, or maybe?\nAnswer:",
+         " {label}", "entailment=yes,contradiction=no,neutral=maybe",
+         "Does the premise imply the hypothesis? Answer yes, no or maybe.", 3,
+         full=Budget(20, 8, None), quick=Budget(4, 8, 56), note="32 training rows (FewGLUE); all 56 val rows"),
+    Task("prompts", "lm", _split_corpus("awesome_chatgpt_prompts/prompts.csv", "prompt", 0.2), "", "{prompt}", None,
+         "Here is a prompt that asks an AI assistant to act as someone:", 1,
+         full=Budget(20, 8, None), quick=Budget(5, 8, 42), peft="tutorial",
+         note="seeded 80/20 split of 211 prompts; perplexity on the held-out 20 %"),
+    Task("quotes", "lm", _split_corpus("english_quotes/quotes.jsonl", "quote", 0.12), "", "{quote}", None,
+         "Here is a famous quote:", 2,
+         full=Budget(30, 8, 200), quick=Budget(6, 8, 60), peft="tutorial",
+         note="seeded split; perplexity on 200 held-out quotes"),
+    Task("e2e", "generation", load_e2e, "Meaning representation: {mr}\nDescription:", " {ref}", None,
+         "Write a one-sentence restaurant description that mentions every attribute.", 2,
+         full=Budget(40, 8, 50), quick=Budget(6, 8, 15),
+         note="train: seeded devset MRs with all their references; test: seeded test MRs, all references"),
+]
+
+
+# ---- training -----------------------------------------------------------------------------------
+
+
+def train_softprompt(base, task: Task, train_file: Path, out: Path, budget: Budget, snapshots: int) -> dict[str, Any]:
+    """softprompt with its defaults (TrainConfig), `budget.steps` steps; snapshots of the prompt along the way."""
+    every = max(1, budget.steps // snapshots) if snapshots else budget.steps + 1
+    seen: list[tuple[int, float, torch.Tensor]] = []
+
+    def on_step(step: int, record: dict) -> None:
+        # train() hands callbacks the step's metrics only; the prompt module is its local `prompt` (calling it
+        # gives the effective [n, d] prompt, also for a reparameterised one). Copying it takes microseconds.
+        if snapshots and step % every == 0 and step < budget.steps:
+            module = sys._getframe(1).f_locals.get("prompt")
+            if module is not None:
+                with torch.no_grad():
+                    tensor = module() if callable(module) else module.embeddings
+                seen.append((step, record["elapsed_s"], tensor.detach().float().cpu().clone()))
+
+    kw = dict(input_template=task.input_template, output_template=task.output_template, label_map=task.label_map)
+    if task.kind == "lm":
+        kw = dict(lm=True, output_template=task.output_template)
+    result = softprompt.train(data=str(train_file), output=str(out), overwrite=True, base=base, steps=budget.steps,
+                              batch_size=budget.batch_size, progress=False, seed=SEED,
+                              init_text=task.instruction, on_step=on_step, **kw)
+    m = result.metrics
+    seen.append((m["steps"], m["wall_time_s"], result.prompt.embeddings.detach().clone()))
+    return {"prompt": result.prompt, "wall_s": m["wall_time_s"], "steps": m["steps"], "examples": m["examples_seen"],
+            "snapshots": seen, "config": {k: result.prompt.meta["training"].get(k) for k in
+                                          ("virtual_tokens", "init", "lr", "schedule", "warmup", "batch_size")}}
+
+
+def peft_recipe(task: Task) -> dict[str, Any]:
+    """PEFT's documented settings. clm: the causal-LM prompt-tuning guide (TEXT init with a task instruction,
+    8 virtual tokens, lr 3e-2, linear decay, no warmup); tutorial: the prompt-tuning tutorial that used
+    awesome-chatgpt-prompts and english_quotes (RANDOM init, 4 virtual tokens, lr 3e-3, Trainer defaults)."""
+    if task.peft == "tutorial":
+        return {"init": "RANDOM", "virtual_tokens": 4, "lr": 3e-3, "init_text": None}
+    return {"init": "TEXT", "virtual_tokens": 8, "lr": 3e-2, "init_text": task.instruction}
+
+
+def train_peft(base, examples, model_arg: str | None, task: Task, budget: Budget, time_cap: float, out: Path,
+               snapshots: int) -> dict[str, Any]:
+    """PEFT PromptTuningConfig + get_peft_model + HF Trainer on the same tokenised examples, the same number of
+    steps and batch size, stopped early if it runs past softprompt's wall-clock."""
+    from peft import PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    recipe = peft_recipe(task)
+    folder, gguf = resolve_model(model_arg)
+    config = PromptTuningConfig(
+        task_type=TaskType.CAUSAL_LM, num_virtual_tokens=recipe["virtual_tokens"],
+        prompt_tuning_init=PromptTuningInit.TEXT if recipe["init"] == "TEXT" else PromptTuningInit.RANDOM,
+        prompt_tuning_init_text=recipe["init_text"], tokenizer_name_or_path=folder,
+        tokenizer_kwargs={"gguf_file": gguf} if gguf else None)
+    torch.manual_seed(SEED)  # RANDOM init draws from torch's global generator
+    model = get_peft_model(base.model, config)
+    pad = base.tokenizer.pad_token_id
+    every = max(1, budget.steps // snapshots) if snapshots else budget.steps + 1
+    seen: list[tuple[int, float, torch.Tensor]] = []
+    clock = {}
+
+    class Clock(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            clock["start"] = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            elapsed = time.perf_counter() - clock["start"]
+            clock.update(elapsed=elapsed, steps=state.global_step)
+            if state.global_step % every == 0:
+                seen.append((state.global_step, elapsed, model.get_prompt_embedding_to_save("default").detach().clone()))
+            if elapsed >= time_cap and state.global_step < budget.steps:
+                clock["stopped_by_time"] = True
+                control.should_training_stop = True
+
+    def collate(rows):
+        width = max(len(r["input_ids"]) for r in rows)
+        ids = torch.full((len(rows), width), pad)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        labels = torch.full((len(rows), width), -100)
+        for i, r in enumerate(rows):
+            n = len(r["input_ids"])
+            ids[i, :n], mask[i, :n], labels[i, :n] = torch.tensor(r["input_ids"]), 1, torch.tensor(r["labels"])
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+    args = TrainingArguments(
+        output_dir=str(out), per_device_train_batch_size=budget.batch_size, max_steps=budget.steps,
+        learning_rate=recipe["lr"], lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
+        logging_strategy="no", save_strategy="no", report_to=[], use_cpu=base.device.type == "cpu", seed=SEED,
+        data_seed=SEED, disable_tqdm=True, dataloader_num_workers=0, remove_unused_columns=False)
+    dataset = [{"input_ids": e.input_ids, "labels": e.labels} for e in examples]
+    trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collate, callbacks=[Clock()])
+    trainer.train()
+    prompt = SoftPrompt(model.get_prompt_embedding_to_save("default").detach().float().cpu(),
+                        {"init": {"strategy": f"peft-{recipe['init'].lower()}", "text": recipe["init_text"]}})
+    if not seen or seen[-1][0] != clock["steps"]:
+        seen.append((clock["steps"], clock["elapsed"], prompt.embeddings.detach().clone()))
+    base.model.eval()  # the Trainer switched the (shared, still frozen) model to train mode
+    return {"prompt": prompt, "wall_s": round(clock["elapsed"], 2), "steps": clock["steps"],
+            "examples": clock["steps"] * budget.batch_size, "stopped_by_time": clock.get("stopped_by_time", False),
+            "snapshots": seen, "config": {**recipe, "batch_size": budget.batch_size, "schedule": "linear",
+                                          "warmup": 0}}
+
+
+# ---- the run ------------------------------------------------------------------------------------
+
+
+def run_task(base, task: Task, data_dir: Path, out: Path, budget: Budget, model_arg, curve: bool) -> dict[str, Any]:
+    rng = random.Random(SEED)
+    train_rows, eval_rows = task.load(data_dir, rng, budget)
+    folder = out / task.name
+    folder.mkdir(parents=True, exist_ok=True)
+    train_file = folder / "train.jsonl"  # a seeded subset, written outside the repository's tracked files
+    train_file.write_text("".join(json.dumps(r) + "\n" for r in train_rows))
+    template = (Template(input="", output=task.output_template) if task.kind == "lm" else
+                Template(input=task.input_template, output=task.output_template, label_map=task.label_map))
+    snaps = 6 if curve else 0
+    print(f"[{task.name}] {len(train_rows)} training rows, {len(eval_rows)} evaluation rows; "
+          f"{budget.steps} steps x {budget.batch_size}", file=sys.stderr, flush=True)
+
+    sp = train_softprompt(base, task, train_file, folder / "softprompt", budget, snaps)
+    print(f"[{task.name}] softprompt: {sp['steps']} steps in {sp['wall_s']:.0f}s", file=sys.stderr, flush=True)
+    max_length = min(512, base.max_positions - 20)
+    examples = Encoder(base.tokenizer, template, max_length=max_length).encode_rows(train_rows, str(train_file))
+    pf = train_peft(base, examples, model_arg, task, budget, sp["wall_s"], folder / "peft", snaps)
+    print(f"[{task.name}] PEFT: {pf['steps']} steps in {pf['wall_s']:.0f}s", file=sys.stderr, flush=True)
+
+    systems = [System("untuned"), System("hand-written prompt", prefix=task.instruction.rstrip() + "\n"),
+               System(f"{task.shots}-shot", prefix=kshot_prefix(template, train_rows, task.shots, SEED)),
+               System("softprompt", sp["prompt"]), System("PEFT prompt tuning", pf["prompt"])]
+    t0 = time.perf_counter()
+    report = compare(base, template, eval_rows, systems, task=task.kind, source=task.name)
+    eval_s = time.perf_counter() - t0
+    for r in report["systems"]:
+        r.pop("predictions", None)
+    result = {"task": task.name, "kind": task.kind, "train_rows": len(train_rows), "eval_rows": len(eval_rows),
+              "note": task.note, "eval_s": round(eval_s, 1), "systems": report["systems"],
+              "training": {name: {k: v for k, v in t.items() if k not in ("prompt", "snapshots")}
+                           for name, t in (("softprompt", sp), ("peft", pf))}}
+    if curve and task.kind == "classification":
+        result["curve"] = _curve(base, template, eval_rows, {"softprompt": sp, "PEFT": pf}, report)
+    return result
+
+
+def _curve(base, template, eval_rows, runs, report, points_rows: int = 300) -> dict[str, list]:
+    """Validation accuracy vs training time: snapshots on a seeded subset (the final points: every row)."""
+    subset = _subset(eval_rows, points_rows, random.Random(SEED + 1))
+    evalset = prepare(base, template, subset, task="classification")
+    curve = {}
+    finals = {"softprompt": report["systems"][3]["accuracy"], "PEFT": report["systems"][4]["accuracy"]}
+    for name, run in runs.items():
+        pts = []
+        for step, elapsed, tensor in run["snapshots"][:-1]:
+            acc = (label_scores(base, tensor, evalset).argmax(1) == torch.tensor(evalset.gold)).float().mean().item()
+            pts.append({"step": step, "elapsed_s": round(elapsed, 1), "accuracy": acc, "rows": len(subset)})
+        step, elapsed, _ = run["snapshots"][-1]
+        pts.append({"step": step, "elapsed_s": round(elapsed, 1), "accuracy": finals[name], "rows": len(eval_rows)})
+        curve[name] = pts
+    zero = report["systems"][0]["accuracy"]
+    for pts in curve.values():
+        pts.insert(0, {"step": 0, "elapsed_s": 0.0, "accuracy": zero, "rows": len(eval_rows)})
+    return curve
+
+
+def plot_curve(curve: dict[str, list], png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, pts in curve.items():
+        ax.plot([p["elapsed_s"] / 60 for p in pts], [100 * p["accuracy"] for p in pts], "o-", label=name)
+    ax.set_xlabel("training wall-clock (minutes, 2 CPU cores)")
+    ax.set_ylabel("SST-2 validation accuracy (%)")
+    ax.set_title("SmolLM2-135M-Instruct: softprompt vs PEFT prompt tuning")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
+def markdown(results: dict[str, Any]) -> str:
+    lines = [f"Command: `{results['command']}`  ", f"Hardware: {results['hardware']}  ",
+             f"Total wall time: {results['total_s'] / 60:.1f} min", "",
+             "| task | system | metric | score | loss | train wall (s) | steps | examples seen |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
+    for t in results["tasks"]:
+        metric = {"classification": "accuracy / macro-F1 (%)", "generation": "BLEU / ROUGE-L",
+                  "lm": "perplexity"}[t["kind"]]
+        for r in t["systems"]:
+            if t["kind"] == "classification":
+                value = f"{100 * r['accuracy']:.1f} / {100 * r['macro_f1']:.1f}"
+            elif t["kind"] == "generation":
+                value = f"{r['bleu']:.2f} / {100 * r['rougeL']:.1f}"
+            else:
+                value = f"{r['perplexity']:.2f}"
+            train = {"softprompt": t["training"]["softprompt"], "PEFT prompt tuning": t["training"]["peft"]}.get(r["system"])
+            cells = (f"{train['wall_s']:.0f}", str(train["steps"]), str(train["examples"])) if train else ("-", "-", "-")
+            lines.append(f"| {t['task']} | {r['system']} | {metric} | {value} | {r['loss']:.3f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def hardware() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"{os.cpu_count()} x {cpu}"
+    return f"{dev}, torch {torch.__version__} ({torch.get_num_threads()} threads), fp32"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="small budgets and evaluation subsets (< 10 min)")
+    p.add_argument("--smoke", action="store_true", help="a few steps on tiny limits (CI)")
+    p.add_argument("--tasks", default="all", help=f"comma list of {', '.join(t.name for t in TASKS)} (default all)")
+    p.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct")
+    p.add_argument("--data-dir", default=os.environ.get("SOFTPROMPT_DATA", str(ROOT.parent / "shared" / "data")))
+    p.add_argument("--output", default=str(ROOT / "runs" / "bench"))
+    p.add_argument("--no-curve", action="store_true", help="skip the SST-2 accuracy-vs-time plot")
+    args = p.parse_args(argv)
+    data_dir, out = Path(args.data_dir), Path(args.output)
+    if not data_dir.is_dir():
+        raise SystemExit(f"data directory not found: {data_dir} (set --data-dir or $SOFTPROMPT_DATA)")
+    wanted = [t.name for t in TASKS] if args.tasks == "all" else args.tasks.split(",")
+    unknown = set(wanted) - {t.name for t in TASKS}
+    if unknown:
+        raise SystemExit(f"unknown task(s): {', '.join(sorted(unknown))}")
+    torch.manual_seed(SEED)
+    started = time.perf_counter()
+    base = softprompt.load_model(args.model)
+    results: dict[str, Any] = {"command": "python bench/quality.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
+                               "hardware": hardware(), "mode": "smoke" if args.smoke else "quick" if args.quick else "full",
+                               "model": base.source, "tasks": []}
+    out.mkdir(parents=True, exist_ok=True)
+    for task in TASKS:
+        if task.name not in wanted:
+            continue
+        budget = task.smoke if args.smoke else task.quick if args.quick else task.full
+        results["tasks"].append(run_task(base, task, data_dir, out, budget, args.model,
+                                         curve=task.name == "sst2" and not args.no_curve))
+        results["total_s"] = time.perf_counter() - started
+        (out / "quality.json").write_text(json.dumps(results, indent=1))  # partial results survive a crash
+    results["total_s"] = time.perf_counter() - started
+    (out / "quality.json").write_text(json.dumps(results, indent=1))
+    table = markdown(results)
+    (out / "quality.md").write_text(table + "\n")
+    for t in results["tasks"]:
+        if "curve" in t:
+            plot_curve(t["curve"], out / "sst2-curve.png")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

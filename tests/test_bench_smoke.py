@@ -1,0 +1,90 @@
+"""The quality benchmark, a few steps on tiny data in the real file formats, so bench/quality.py cannot rot."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import random
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import SUBJECTS, WORDS_NEG, WORDS_POS
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _sentence(rng: random.Random) -> tuple[str, bool]:
+    good = rng.random() < 0.5
+    return f"{rng.choice(SUBJECTS)} was {rng.choice(WORDS_POS if good else WORDS_NEG)} .", good
+
+
+def make_data(d: Path, n: int = 40) -> Path:
+    """Every file bench/quality.py reads, with the columns and formats of ../shared/data."""
+    rng = random.Random(0)
+    (d / "sst2").mkdir(parents=True)
+    for name in ("train.tsv", "validation.tsv"):
+        lines = ["sentence\tlabel"] + [f"{s} \t{int(g)}" for s, g in (_sentence(rng) for _ in range(n))]
+        (d / "sst2" / name).write_text("\n".join(lines) + "\n")
+    (d / "rte_glue").mkdir()
+    for name in ("train.tsv", "validation.tsv"):
+        lines = ["index\tsentence1\tsentence2\tlabel"]
+        for i in range(n):
+            (a, g), (b, _) = _sentence(rng), _sentence(rng)
+            lines.append(f"{i}\t{a}\t{b}\t{'entailment' if g else 'not_entailment'}")
+        (d / "rte_glue" / name).write_text("\n".join(lines) + "\n")
+    for task, labels in (("BoolQ", [True, False]), ("CB", ["entailment", "contradiction", "neutral"])):
+        (d / "superglue_fewglue" / task).mkdir(parents=True)
+        for name in ("train.jsonl", "val.jsonl"):
+            rows = []
+            for i in range(n):
+                (a, _), (b, _) = _sentence(rng), _sentence(rng)
+                row = {"passage": a, "question": b} if task == "BoolQ" else {"premise": a, "hypothesis": b}
+                rows.append({**row, "idx": i, "label": labels[i % len(labels)]})
+            (d / "superglue_fewglue" / task / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (d / "awesome_chatgpt_prompts").mkdir()
+    with (d / "awesome_chatgpt_prompts" / "prompts.csv").open("w", newline="") as f:
+        w = csv.writer(f, quoting=csv.QUOTE_ALL)
+        w.writerow(["act", "prompt"])
+        for i in range(n):
+            w.writerow([f"act {i}", "I want you to act as " + _sentence(rng)[0]])
+    (d / "english_quotes").mkdir()
+    (d / "english_quotes" / "quotes.jsonl").write_text(
+        "".join(json.dumps({"quote": f"“{_sentence(rng)[0]}”", "author": "A", "tags": ["t"]}) + "\n" for _ in range(n)))
+    (d / "e2e_nlg").mkdir()
+    for name in ("devset.csv", "testset_w_refs.csv"):
+        with (d / "e2e_nlg" / name).open("w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["mr", "ref"])
+            for i in range(n):
+                w.writerow([f"name[{SUBJECTS[i % 6]}], eatType[pub{i // 6}]", _sentence(rng)[0]])
+    return d
+
+
+@pytest.fixture(scope="module")
+def quality():
+    spec = importlib.util.spec_from_file_location("bench_quality", ROOT / "bench" / "quality.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quality_benchmark_smoke(quality, tiny_model_dir, tmp_path, capsys):
+    data = make_data(tmp_path / "data")
+    out = tmp_path / "bench"
+    assert quality.main(["--smoke", "--model", str(tiny_model_dir), "--data-dir", str(data), "--output", str(out)]) == 0
+    results = json.loads((out / "quality.json").read_text())
+    assert [t["task"] for t in results["tasks"]] == [t.name for t in quality.TASKS]
+    for t in results["tasks"]:
+        names = [r["system"] for r in t["systems"]]
+        assert names[0] == "untuned" and names[-2:] == ["softprompt", "PEFT prompt tuning"], names
+        assert t["training"]["peft"]["steps"] >= 1 and t["training"]["softprompt"]["steps"] == 3
+        key = {"classification": "accuracy", "generation": "bleu", "lm": "perplexity"}[t["kind"]]
+        assert all(key in r for r in t["systems"])
+    sst2 = results["tasks"][0]
+    assert [p["step"] for p in sst2["curve"]["softprompt"]][0] == 0 and (out / "sst2-curve.png").exists()
+    table = (out / "quality.md").read_text()
+    assert "| sst2 | softprompt |" in table and "| e2e | PEFT prompt tuning |" in table
