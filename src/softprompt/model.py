@@ -154,6 +154,17 @@ class Prompted:
     attention_mask: torch.Tensor  # [B, L] 0/1
     position_ids: torch.Tensor  # [B, L]
     labels: torch.Tensor | None = None  # [B, L], -100 where no loss
+    # One prompt for every row: the pieces before injection, so `sequence_nll` can run the virtual tokens once
+    # for the whole batch instead of once per row (their states do not depend on the row). None otherwise.
+    shared: SharedPrefix | None = field(default=None, repr=False)
+
+
+@dataclass
+class SharedPrefix:
+    prompt: torch.Tensor  # [P, d] in the model's dtype
+    token_embeds: torch.Tensor  # [B, T, d]
+    token_mask: torch.Tensor  # [B, T]
+    token_labels: torch.Tensor | None  # [B, T]
 
 
 @dataclass
@@ -163,6 +174,9 @@ class BaseModel:
     model: Any
     tokenizer: Any
     source: str
+    # Run a batch's shared prompt once instead of once per row in `sequence_nll` (same result; off only to
+    # measure or compare against the plain path).
+    shared_prefix: bool = True
     _cache: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -256,6 +270,7 @@ class BaseModel:
         row: the mixed batch the server uses). Rows are then left-aligned so padding sits first.
         """
         input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
+        raw_labels = labels
         batch = input_ids.shape[0]
         token_embeds = self.model.get_input_embeddings()(input_ids)  # [B, T, d]
         virtual, virtual_mask = stack_prompts(prompts, batch, self.hidden_size, self.device)  # [B, P, d], [B, P]
@@ -274,7 +289,11 @@ class BaseModel:
             real_before = torch.cat([torch.zeros_like(mask[:, :1]), mask[:, :-1]], dim=1)
             labels = labels.masked_fill(real_before == 0, -100)
         positions = (mask.cumsum(1) - 1).clamp(min=0)
-        return Prompted(embeds, mask, positions, labels)
+        shared = None
+        if isinstance(prompts, torch.Tensor) and prompts.shape[0] > 0:
+            shared = SharedPrefix(virtual[0].to(token_embeds.dtype), token_embeds, attention_mask,
+                                  None if raw_labels is None else raw_labels.to(self.device))
+        return Prompted(embeds, mask, positions, labels, shared)
 
     def forward(self, batch: Prompted, **kwargs):
         """Plain HF forward on injected inputs (full logits); used by generation and parity tests."""
@@ -294,8 +313,11 @@ class BaseModel:
         assert batch.labels is not None, "sequence_nll needs labels"
         backbone, head = self.model.base_model, self.model.get_output_embeddings()
         full_logits = backbone is self.model or head is None or getattr(self.config, "final_logit_softcapping", None)
-        if full_logits:
-            hidden_or_logits = self.forward(batch).logits
+        shared = None if full_logits or batch.shared is None or not self.shared_prefix else self._shared_prefix_hidden(batch.shared)
+        if shared is not None:
+            hidden_or_logits, labels = shared
+        elif full_logits:
+            hidden_or_logits, labels = self.forward(batch).logits, batch.labels
         else:
             hidden_or_logits = backbone(
                 inputs_embeds=batch.inputs_embeds,
@@ -303,7 +325,8 @@ class BaseModel:
                 position_ids=batch.position_ids,
                 use_cache=False,
             ).last_hidden_state  # [B, L, d]
-        targets = batch.labels[:, 1:]  # position t predicts token t+1
+            labels = batch.labels
+        targets = labels[:, 1:]  # position t predicts token t+1
         selected = targets != -100  # [B, L-1]
         picked = hidden_or_logits[:, :-1][selected]  # [N, d] or [N, V]
         logits = picked if full_logits else head(picked)
@@ -311,6 +334,99 @@ class BaseModel:
         rows = selected.nonzero()[:, 0]
         per_row = torch.zeros(targets.shape[0], device=nll.device, dtype=nll.dtype).index_add(0, rows, nll)
         return per_row, selected.sum(1)
+
+
+    # ---- shared prefix: the virtual tokens run once per batch ------------------------------------
+
+    def _shared_prefix_hidden(self, shared: SharedPrefix) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Final hidden states [B, P+T, d] and labels [B, P+T] for rows laid out [virtual | tokens | pad], with
+        the virtual tokens computed ONCE (batch 1) and their keys/values broadcast to every row.
+
+        With one prompt for all rows the virtual tokens' states are the same in every row (they come first
+        and attend only to each other), so running them B times is waste: for short rows (classification)
+        they are half the work. Same maths as the plain path (a test checks it); autograd sums the rows'
+        gradients through the broadcast. Returns None where it does not apply (the caller takes the plain
+        path): a cache that is not plain full attention, activation checkpointing (it drops caches), FSDP.
+        """
+        backbone = self.model.base_model
+        if not self._prefix_ok(backbone):
+            return None
+        from transformers.cache_utils import DynamicCache, DynamicLayer
+
+        prompt, embeds, mask = shared.prompt, shared.token_embeds, shared.token_mask.to(self.device).long()
+        n_virtual, batch = prompt.shape[0], embeds.shape[0]
+        cache_kw = self._cache_kw(backbone)
+        pre = backbone(inputs_embeds=prompt[None], position_ids=torch.arange(n_virtual, device=self.device)[None],
+                       use_cache=True)
+        layers = getattr(getattr(pre, "cache", None) or getattr(pre, "past_key_values", None), "layers", None)
+        if not layers or any(type(layer) is not DynamicLayer or not layer.is_initialized for layer in layers):
+            self._cache["prefix_ok"] = False  # e.g. sliding-window or linear-attention layers
+            return None
+        cache = DynamicCache()
+        cache.layers = [_PrefixLayer(layer.keys, layer.values, batch) for layer in layers]
+        cache.layer_class_to_replicate = None
+        # Real tokens first, padding last: every real token then follows the virtual tokens directly.
+        order = torch.argsort(mask, dim=1, descending=True, stable=True)
+        embeds = embeds.gather(1, order[..., None].expand_as(embeds))
+        mask = mask.gather(1, order)
+        positions = n_virtual + (mask.cumsum(1) - 1).clamp(min=0)
+        out = backbone(inputs_embeds=embeds, attention_mask=torch.cat([mask.new_ones(batch, n_virtual), mask], 1),
+                       position_ids=positions, use_cache=True, **{cache_kw: cache}).last_hidden_state
+        hidden = torch.cat([pre.last_hidden_state.expand(batch, -1, -1), out], dim=1)  # [B, P+T, d]
+        labels = shared.token_labels.gather(1, order).masked_fill(mask == 0, -100)
+        labels = torch.cat([labels.new_full((batch, n_virtual), -100), labels], dim=1)
+        return hidden, labels
+
+    def _prefix_ok(self, backbone) -> bool:
+        if self._cache.get("prefix_ok") is False or self.is_encoder_decoder:
+            return False
+        if "prefix_ok" not in self._cache:
+            import inspect
+
+            params = inspect.signature(backbone.forward).parameters
+            self._cache["prefix_ok"] = ("cache" in params or "past_key_values" in params) and "inputs_embeds" in params
+            if not self._cache["prefix_ok"]:
+                return False
+        # Checked every call: both can be switched on after loading.
+        for module in self.model.modules():
+            if getattr(module, "gradient_checkpointing", False) or type(module).__name__.startswith("FSDP"):
+                return False
+        return True
+
+    @staticmethod
+    def _cache_kw(backbone) -> str:
+        import inspect
+
+        return "cache" if "cache" in inspect.signature(backbone.forward).parameters else "past_key_values"
+
+
+def _prefix_layer_class():
+    from transformers.cache_utils import DynamicLayer
+
+    class PrefixLayer(DynamicLayer):
+        """A cache layer holding the shared prefix's keys/values [1, H, P, D], broadcast to the batch.
+        `update` returns prefix + new states WITHOUT storing them, so a recomputed forward sees the same."""
+
+        def __init__(self, keys: torch.Tensor, values: torch.Tensor, batch: int):
+            super().__init__()
+            self.keys = keys.expand(batch, -1, -1, -1)
+            self.values = values.expand(batch, -1, -1, -1)
+            self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            return torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2)
+
+    return PrefixLayer
+
+
+def _PrefixLayer(keys: torch.Tensor, values: torch.Tensor, batch: int):
+    global _PREFIX_LAYER
+    if _PREFIX_LAYER is None:
+        _PREFIX_LAYER = _prefix_layer_class()
+    return _PREFIX_LAYER(keys, values, batch)
+
+
+_PREFIX_LAYER = None
 
 
 def stack_prompts(

@@ -1,0 +1,163 @@
+"""Correctness guard for the speed paths (issue 6): every fast path gives the plain fp32 path's loss and
+gradient on the same batch, on the tiny offline Llama. fp32 paths agree to float rounding (1e-5 relative);
+bf16 paths to bf16 tolerance (a few 1e-2 relative on the loss, see BENCHMARKS.md "Speed")."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from softprompt import load_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _batch(seed: int = 0, left: bool = False):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, 250, (4, 9), generator=g)
+    mask = torch.ones(4, 9, dtype=torch.long)
+    if left:
+        mask[1, :3] = 0
+        mask[2, :6] = 0
+    else:
+        mask[1, 6:] = 0
+        mask[2, 3:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[0, :4] = -100  # an input part without loss
+    return ids, mask, labels
+
+
+@contextlib.contextmanager
+def shared_prefix(base, on: bool):
+    old = base.shared_prefix
+    base.shared_prefix = on
+    try:
+        yield
+    finally:
+        base.shared_prefix = old
+
+
+def _loss_and_grad(base, prompt, ids, mask, labels):
+    p = prompt.detach().clone().requires_grad_(True)
+    nll, count = base.sequence_nll(base.prepend_prompts(ids, mask, p, labels))
+    nll.sum().backward()
+    return nll.detach().float(), count, p.grad.detach().float()
+
+
+def _counting(base):
+    calls = []
+    handle = base.model.base_model.register_forward_pre_hook(
+        lambda m, a, k: calls.append(tuple(k["inputs_embeds"].shape)), with_kwargs=True)
+    return calls, handle
+
+
+@pytest.mark.parametrize("left", [False, True])
+def test_shared_prefix_equals_plain_path_fp32(tiny_base, left):
+    torch.manual_seed(1)
+    prompt = torch.randn(5, tiny_base.hidden_size) * 0.5
+    ids, mask, labels = _batch(left=left)
+    with shared_prefix(tiny_base, False):
+        ref = _loss_and_grad(tiny_base, prompt, ids, mask, labels)
+    calls, handle = _counting(tiny_base)
+    try:
+        with shared_prefix(tiny_base, True):
+            fast = _loss_and_grad(tiny_base, prompt, ids, mask, labels)
+    finally:
+        handle.remove()
+    assert calls == [(1, 5, tiny_base.hidden_size), (4, 9, tiny_base.hidden_size)]  # prompt once, then the rows
+    assert torch.equal(ref[1], fast[1])
+    torch.testing.assert_close(fast[0], ref[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast[2], ref[2], rtol=1e-4, atol=1e-6)
+
+
+def test_shared_prefix_scores_first_token_from_last_virtual_token(tiny_base):
+    # LM rows: every token labelled, the first one predicted from the prompt's last position.
+    torch.manual_seed(2)
+    prompt = torch.randn(3, tiny_base.hidden_size)
+    ids, mask, _ = _batch(seed=3)
+    labels = ids.masked_fill(mask == 0, -100)
+    with shared_prefix(tiny_base, False):
+        ref = _loss_and_grad(tiny_base, prompt, ids, mask, labels)
+    with shared_prefix(tiny_base, True):
+        fast = _loss_and_grad(tiny_base, prompt, ids, mask, labels)
+    assert fast[1].tolist() == mask.sum(1).tolist()
+    torch.testing.assert_close(fast[0], ref[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast[2], ref[2], rtol=1e-4, atol=1e-6)
+
+
+def test_per_row_prompts_and_no_prompt_take_the_plain_path(tiny_base):
+    ids, mask, labels = _batch()
+    prompted = tiny_base.prepend_prompts(ids, mask, [torch.zeros(2, tiny_base.hidden_size)] * 4, labels)
+    assert prompted.shared is None
+    assert tiny_base.prepend_prompts(ids, mask, None, labels).shared is None
+
+
+def test_bf16_within_tolerance_of_fp32(tiny_model_dir):
+    base32 = load_model(str(tiny_model_dir), dtype="float32", device="cpu")
+    base16 = load_model(str(tiny_model_dir), dtype="bfloat16", device="cpu")
+    torch.manual_seed(4)
+    prompt = torch.randn(5, base32.hidden_size) * 0.5  # fp32 master copy in both cases
+    ids, mask, labels = _batch()
+    with shared_prefix(base32, False):
+        ref = _loss_and_grad(base32, prompt, ids, mask, labels)
+    for on in (False, True):
+        with shared_prefix(base16, on):
+            fast = _loss_and_grad(base16, prompt, ids, mask, labels)
+        assert fast[2].dtype == torch.float32
+        torch.testing.assert_close(fast[0], ref[0], rtol=3e-2, atol=3e-2)
+        cos = torch.nn.functional.cosine_similarity(fast[2].flatten(), ref[2].flatten(), dim=0)
+        assert cos > 0.98
+
+
+def test_activation_checkpointing_falls_back_to_plain_path(tiny_model_dir):
+    base = load_model(str(tiny_model_dir), dtype="float32", device="cpu")
+    torch.manual_seed(5)
+    prompt = torch.randn(4, base.hidden_size)
+    ids, mask, labels = _batch()
+    with shared_prefix(base, False):
+        ref = _loss_and_grad(base, prompt, ids, mask, labels)
+    base.enable_activation_checkpointing()  # HF drops caches under checkpointing: the shared path must step aside
+    calls, handle = _counting(base)
+    try:
+        fast = _loss_and_grad(base, prompt, ids, mask, labels)
+    finally:
+        handle.remove()
+    assert calls == [(4, 13, base.hidden_size)]
+    torch.testing.assert_close(fast[0], ref[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast[2], ref[2], rtol=1e-4, atol=1e-6)
+
+
+def test_training_is_the_same_with_and_without_shared_prefix(tiny_model_dir, sentiment_files, tmp_path):
+    from softprompt import train
+
+    train_file, dev_file = sentiment_files
+    results = {}
+    for on in (False, True):
+        base = load_model(str(tiny_model_dir), dtype="float32", device="cpu")
+        base.shared_prefix = on
+        result = train(data=str(train_file), output=str(tmp_path / f"run{on}"), base=base, steps=4, batch_size=8,
+                       virtual_tokens=4, progress=False, seed=0)
+        results[on] = result.prompt.embeddings
+    torch.testing.assert_close(results[True], results[False], rtol=1e-4, atol=1e-5)
+
+
+def test_speed_bench_runs_tiny(tmp_path):
+    """bench/speed.py end to end on the tiny model (a smoke test: it runs and writes its report)."""
+    if importlib.util.find_spec("peft") is None:
+        pytest.skip("peft not installed")
+    out = tmp_path / "speed"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "speed.py"), "--tiny", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((out / "speed.json").read_text())
+    names = {r["name"] for r in report["runs"]}
+    assert {"softprompt", "peft-fp32"} <= names
+    assert (out / "speed.md").read_text().startswith("|")
+
