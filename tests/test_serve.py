@@ -144,6 +144,42 @@ def test_sampling_seeded_and_stop_strings_in_scheduler(base, prompt_objs):
     assert text == full[: full.index(stop)] and events[-1].finish_reason == "stop"
 
 
+def test_a_failing_step_fails_only_its_sequences(base, prompt_objs, monkeypatch):
+    e = entry("mid", prompt_objs["mid"])
+    sched = Scheduler(base, autostart=False)
+    ok_events, bad_events = [], []
+    ok = Sequence(ids_of(base, TEXTS[0]), greedy(8), e, ok_events.append)
+    sched.submit(ok)
+    sched.step()
+    real = sched._forward
+
+    def broken(ids, mask, pos, cache):
+        if ids.shape[1] > 1:  # prefills only
+            raise RuntimeError("boom")
+        return real(ids, mask, pos, cache)
+
+    monkeypatch.setattr(sched, "_forward", broken)
+    bad = Sequence(ids_of(base, TEXTS[1]), greedy(8), None, bad_events.append)
+    sched.submit(bad)
+    sched.step()
+    assert bad_events[-1].kind == "error" and bad_events[-1].status == 500 and "boom" in bad_events[-1].text
+    monkeypatch.setattr(sched, "_forward", real)
+    sched.run_until_idle()
+    assert ok.generated == reference(base, TEXTS[0], prompt_objs["mid"], 8) and ok_events[-1].kind == "finish"
+    # a failing decode step fails the running batch, and the scheduler serves the next request normally
+    monkeypatch.setattr(sched, "_forward", lambda *a: (_ for _ in ()).throw(RuntimeError("decode boom"))
+                        if a[0].shape[1] == 1 else real(*a))
+    events = []
+    sched.submit(Sequence(ids_of(base, TEXTS[2]), greedy(4), e, events.append))
+    sched.step()
+    assert events[-1].kind == "error" and sched.n_running == 0
+    monkeypatch.setattr(sched, "_forward", real)
+    again = Sequence(ids_of(base, TEXTS[2]), greedy(4), e, lambda ev: None)
+    sched.submit(again)
+    sched.run_until_idle()
+    assert again.generated == reference(base, TEXTS[2], prompt_objs["mid"], 4)
+
+
 # ---- the app in process ------------------------------------------------------------------------------------
 
 
@@ -261,6 +297,7 @@ def test_concurrent_mixed_requests_equal_alone(base, prompts_dir, prompt_objs):
     (b"[1, 2]", 400, "must be a JSON object"),
     (b'"text"', 400, "must be a JSON object"),
     (b"\xff\xfe", 400, "malformed JSON"),
+    (b"[" * 2000 + b"]" * 2000, 400, "nested too deeply"),
     (b"[" * 100000 + b"]" * 100000, 413, "over this server's limit"),
 ])
 def test_malformed_bodies(client, body, status, needle):
@@ -379,6 +416,43 @@ def test_bounded_queue_gives_429_quickly_then_serves(base, prompts_dir):
         assert over.status_code == 429 and over.headers["retry-after"] == "1" and still_waiting
         assert over.json()["error"]["type"] == "rate_limit_error" and many.status_code == 429
         assert [r.status_code for r in held] == [200, 200]
+    finally:
+        sched.shutdown()
+
+
+def test_client_gone_before_answer_frees_its_sequence(base, prompts_dir):
+    """A non-streaming client that disconnects: its sequences are cancelled, nothing is generated for it."""
+    app = make_app(base, prompts_dir, watch_interval=0)
+    sched = app.state.server.scheduler
+    sched.autostart = False
+    body = json.dumps({"model": "tiny:mid", "prompt": "the film", "max_tokens": 40, "n": 2}).encode()
+    sent = []
+
+    async def run():
+        messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def receive():
+            if messages:
+                return messages.pop(0)
+            while sched.n_waiting < 2:  # the client leaves once its request is queued
+                await asyncio.sleep(0.01)
+            return {"type": "http.disconnect"}
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "method": "POST", "path": "/v1/completions", "raw_path": b"/v1/completions",
+                 "query_string": b"", "headers": [(b"content-type", b"application/json")], "http_version": "1.1",
+                 "scheme": "http", "server": ("127.0.0.1", 1), "client": ("127.0.0.1", 2), "root_path": "",
+                 "asgi": {"version": "3.0"}}
+        await app(scope, receive, send)
+
+    try:
+        asyncio.run(run())
+        assert sent[0]["status"] == 499
+        sched.step()
+        assert sched.stats["cancelled"] == 2 and sched.stats["generated_tokens"] == 0
+        assert sched.n_waiting == 0 and sched.n_running == 0
     finally:
         sched.shutdown()
 

@@ -212,20 +212,34 @@ class Scheduler:
                         break
                 try:
                     self.step()
-                except Exception as e:  # never let one bad step kill the server: fail the rows it touched
+                except Exception as e:  # last resort: never let one bad step kill the server
                     log.exception("scheduler step failed")
-                    with self._cond:
-                        self._fail_all(f"internal error during generation: {type(e).__name__}: {e}", 500)
+                    self._fail(self._batch.rows, _internal(e), 500)
+                    self._batch = _Batch()
 
     def step(self) -> None:
-        """One scheduling round: drop cancelled/expired rows, admit and prefill newcomers, one decode step."""
+        """One scheduling round: drop cancelled/expired rows, admit and prefill newcomers, one decode step.
+        A failing prefill fails only the sequences it admitted; a failing decode fails the running batch. Either
+        way they get a 500 error event and the server goes on with the others."""
         with torch.inference_mode():
             self._reap()
             admitted = self._admit()
             if admitted:
-                self._prefill(admitted)
+                try:
+                    self._prefill(admitted)
+                except Exception as e:
+                    log.exception("prefill failed")
+                    self._fail(admitted, _internal(e), 500)
+                    if any(s in admitted for s in self._batch.rows):  # failed after merging: batch state unknown
+                        self._fail(self._batch.rows, _internal(e), 500)
+                        self._batch = _Batch()
             if self._batch.rows:
-                self._decode()
+                try:
+                    self._decode()
+                except Exception as e:
+                    log.exception("decode step failed")
+                    self._fail(self._batch.rows, _internal(e), 500)
+                    self._batch = _Batch()
 
     def run_until_idle(self, max_steps: int = 100_000) -> None:
         """Drive the scheduler synchronously (tests, benchmarks without a thread)."""
@@ -436,13 +450,16 @@ class Scheduler:
         self.stats["timeouts"] += 1
         self._send(s, Event("error", s.index, text="the request timed out", status=504))
 
-    def _fail_all(self, message: str, status: int) -> None:
-        """Fail every waiting and running sequence (caller holds the lock) and reset the batch."""
-        for s in list(self._waiting) + self._batch.rows:
+    def _fail(self, seqs: list[Sequence], message: str, status: int) -> None:
+        for s in seqs:
             if not s.finished:
                 s.finished = True
                 self.stats["errors"] += 1
                 self._send(s, Event("error", s.index, text=message, status=status))
+
+    def _fail_all(self, message: str, status: int) -> None:
+        """Fail every waiting and running sequence (caller holds the lock) and reset the batch."""
+        self._fail(list(self._waiting) + self._batch.rows, message, status)
         self._waiting.clear()
         self._batch = _Batch()
 
@@ -452,6 +469,10 @@ class Scheduler:
             s.sink(event)
         except Exception:  # the request side is gone (closed loop): nothing to tell
             pass
+
+
+def _internal(e: Exception) -> str:
+    return f"internal error during generation: {type(e).__name__}: {e}"
 
 
 def _held_back(text: str, stops: Sequence[str]) -> int:
