@@ -14,7 +14,7 @@ def test_exported_adapter_loads_in_peft_with_same_logits(tiny_model_dir, tmp_pat
 
     tiny_base = load_model(str(tiny_model_dir), device="cpu")  # PEFT wraps the model: use a private copy
 
-    prompt = SoftPrompt.initialise(tiny_base, 5, "random", seed=2)
+    prompt = SoftPrompt.initialise(tiny_base, 5, "text", init_text="the film was great")  # PEFT's TEXT init needs care
     prompt.save(tmp_path / "ours")
     export_peft(tmp_path / "ours", tmp_path / "peft")
     cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())

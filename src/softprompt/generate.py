@@ -49,7 +49,7 @@ def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
     return ids, mask
 
 
-def _pick(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None) -> torch.Tensor:
+def pick_token(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None) -> torch.Tensor:
     """[B, V] logits -> [B] token ids."""
     if temperature <= 0:
         return logits.argmax(-1)
@@ -80,7 +80,7 @@ def generate_ids(
     if any(not row for row in inputs) and prompts is None:
         raise SoftPromptError("empty input: give some text to continue")
     tok = base.tokenizer
-    eos = {t for t in [tok.eos_token_id, *(_as_list(getattr(base.model.generation_config, "eos_token_id", None)))] if t is not None}
+    eos = {t for t in [tok.eos_token_id, *(as_list(getattr(base.model.generation_config, "eos_token_id", None)))] if t is not None}
     ids, mask = _left_pad(inputs, tok.pad_token_id)
     prompted = base.prepend_prompts(ids, mask, prompts)
     gen = torch.Generator(device=base.device).manual_seed(seed) if seed is not None and temperature > 0 else None
@@ -92,7 +92,7 @@ def generate_ids(
     done = torch.zeros(len(inputs), dtype=torch.bool, device=base.device)
     new: list[list[int]] = [[] for _ in inputs]
     for _ in range(max_new_tokens):
-        nxt = _pick(out.logits[:, -1], temperature, top_p, gen)  # [B]
+        nxt = pick_token(out.logits[:, -1], temperature, top_p, gen)  # [B]
         for i, t in enumerate(nxt.tolist()):
             if not done[i]:
                 if t in eos:
@@ -107,16 +107,16 @@ def generate_ids(
         attn = torch.cat([attn, (~done).long()[:, None]], dim=1)
         position = position + 1
         out = base.model(input_ids=nxt[:, None], attention_mask=attn, position_ids=position[:, None],
-                         use_cache=True, **{cache_kw: _cache_of(out)})
+                         use_cache=True, **{cache_kw: cache_of(out)})
     return new
 
 
-def _cache_of(out):
+def cache_of(out):
     cache = getattr(out, "cache", None)
     return cache if cache is not None else out.past_key_values
 
 
-def _as_list(x) -> list:
+def as_list(x) -> list:
     return [] if x is None else list(x) if isinstance(x, (list, tuple)) else [x]
 
 

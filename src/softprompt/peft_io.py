@@ -35,8 +35,10 @@ def export_peft(prompt: SoftPrompt | str | os.PathLike, output: str | os.PathLik
         "num_transformer_submodules": 1,
         "num_attention_heads": num_attention_heads,
         "num_layers": num_layers,
-        "prompt_tuning_init": "TEXT" if init.get("strategy") == "text" else "RANDOM",
-        "prompt_tuning_init_text": init.get("text") if init.get("strategy") == "text" else None,
+        # "RANDOM" always: the trained weights are loaded over the init anyway, and PEFT's "TEXT" would demand a
+        # tokenizer path at load time. The init text stays in softprompt.json.
+        "prompt_tuning_init": "RANDOM",
+        "prompt_tuning_init_text": None,
         "tokenizer_name_or_path": None,
         "tokenizer_kwargs": None,
         "base_model_name_or_path": base_model or base.get("source"),

@@ -29,7 +29,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .errors import SoftPromptError
-from .generate import _as_list, _cache_of, _pick
+from .generate import as_list, cache_of, pick_token
 from .model import BaseModel
 
 log = logging.getLogger("softprompt.serve")
@@ -134,7 +134,7 @@ class Scheduler:
         tok = base.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
         gen_eos = getattr(getattr(base.model, "generation_config", None), "eos_token_id", None)
-        self.eos = {t for t in [tok.eos_token_id, *_as_list(gen_eos)] if t is not None}
+        self.eos = {t for t in [tok.eos_token_id, *as_list(gen_eos)] if t is not None}
         params = inspect.signature(base.model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5.2x
         self._extra = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
@@ -289,7 +289,7 @@ class Scheduler:
         kwargs = {self._cache_kw: cache} if cache is not None else {}
         out = self.base.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
                               **kwargs, **self._extra)
-        return out.logits[:, -1], _cache_of(out)
+        return out.logits[:, -1], cache_of(out)
 
     def prefix_kv(self, entry: PromptEntry) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The prompt's virtual-token key/values (positions 0..n-1), computed once per entry."""
@@ -302,7 +302,7 @@ class Scheduler:
             n = emb.shape[1]
             out = self.base.model(inputs_embeds=emb, attention_mask=torch.ones(1, n, dtype=torch.long, device=emb.device),
                                   position_ids=torch.arange(n, device=emb.device)[None], use_cache=True, **self._extra)
-            entry.kv = [(k.clone(), v.clone()) for k, v in _layers(_cache_of(out))]
+            entry.kv = [(k.clone(), v.clone()) for k, v in _layers(cache_of(out))]
         return entry.kv
 
     def _prefill(self, seqs: list[Sequence]) -> None:
@@ -400,7 +400,7 @@ class Scheduler:
         out = logits.argmax(-1).tolist()  # greedy rows
         for i, s in enumerate(seqs):
             if s.params.temperature > 0:
-                out[i] = int(_pick(logits[i:i + 1], s.params.temperature, s.params.top_p, s.generator)[0])
+                out[i] = int(pick_token(logits[i:i + 1], s.params.temperature, s.params.top_p, s.generator)[0])
         return out
 
     def _advance(self, s: Sequence, token: int) -> None:
