@@ -92,6 +92,27 @@ def test_shared_prefix_scores_first_token_from_last_virtual_token(tiny_base):
     torch.testing.assert_close(fast[2], ref[2], rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_chunked_head_nll_equals_full_logits(dtype, tol):
+    from softprompt.model import head_nll
+
+    torch.manual_seed(6)
+    weight = torch.randn(300, 16).to(dtype)
+    hidden = torch.randn(23, 16).to(dtype).requires_grad_(True)
+    targets = torch.randint(0, 300, (23,))
+    upstream = torch.rand(23)
+    ref = torch.nn.functional.cross_entropy(torch.nn.functional.linear(hidden, weight).float(), targets, reduction="none")
+    (ref * upstream).sum().backward()
+    ref_grad, hidden.grad = hidden.grad.clone(), None
+    nll = head_nll(hidden, weight, targets, chunk_bytes=4 * 300 * 5)  # 5 rows per chunk
+    (nll * upstream).sum().backward()
+    assert nll.dtype == torch.float32
+    torch.testing.assert_close(nll, ref.detach(), rtol=tol, atol=tol)
+    torch.testing.assert_close(hidden.grad.float(), ref_grad.float(), rtol=tol, atol=tol * 10)
+    with torch.no_grad():
+        assert not head_nll(hidden, weight, targets).requires_grad
+
+
 def test_per_row_prompts_and_no_prompt_take_the_plain_path(tiny_base):
     ids, mask, labels = _batch()
     prompted = tiny_base.prepend_prompts(ids, mask, [torch.zeros(2, tiny_base.hidden_size)] * 4, labels)
@@ -161,3 +182,19 @@ def test_speed_bench_runs_tiny(tmp_path):
     assert {"softprompt", "peft-fp32"} <= names
     assert (out / "speed.md").read_text().startswith("|")
 
+
+
+def test_gpu_bench_runs_tiny_on_cpu(tmp_path):
+    if importlib.util.find_spec("peft") is None:
+        pytest.skip("peft not installed")
+    out = tmp_path / "gpu"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_speed.py"), "--device", "cpu", "--tiny",
+                           "--out", str(out)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((out / "gpu_speed.json").read_text())
+    assert any(r["name"].startswith("softprompt") for r in report["runs"])
+
+
+def test_gpu_script_is_wired_to_the_python_bench():
+    text = (ROOT / "bench" / "gpu.sh").read_text()
+    assert "bench/gpu_speed.py" in text and "PYTHONPATH" in text and "timeout" in text
