@@ -133,3 +133,16 @@ def trained_prompt(tiny_model_dir, tiny_base, sentiment_files, tmp_path):
     train(data=str(train_file), output=str(tmp_path / "run"), steps=6, batch_size=8, virtual_tokens=4,
           model=str(tiny_model_dir), base=tiny_base, progress=False, lr=0.1)
     return tmp_path / "run"
+
+
+def test_one_pass_loss_and_scores_match_the_general_paths(tiny_base):
+    from softprompt.evaluate import _one_pass, token_loss
+
+    rows = sentiment_rows(11, 6)
+    evalset = prepare(tiny_base, SENTIMENT, rows)
+    prompt = SoftPrompt.initialise(tiny_base, 2, "random", seed=2).embeddings
+    for p in (None, prompt):
+        scores, nll, count = _one_pass(tiny_base, p, evalset, 4, False)
+        assert count == sum(t != -100 for e in evalset.examples for t in e.labels)
+        assert nll / count == pytest.approx(token_loss(tiny_base, p, evalset.examples), rel=1e-4)
+        torch.testing.assert_close(scores, _pair_label_scores(tiny_base, p, evalset, 6, False), atol=1e-4, rtol=1e-4)

@@ -177,7 +177,7 @@ def label_scores(base: BaseModel, prompt, evalset: EvalSet, batch_size: int = 32
     """
     assert evalset.label_ids is not None
     tensor = _prompt_tensor(prompt)
-    if all(len(ids) == 1 for ids in evalset.label_ids) and all(evalset.inputs):
+    if _single_token_ok(evalset):
         return _single_token_label_scores(base, tensor, evalset, batch_size, progress)
     return _pair_label_scores(base, tensor, evalset, batch_size, progress)
 
@@ -199,21 +199,54 @@ def _pair_label_scores(base: BaseModel, tensor, evalset: EvalSet, batch_size: in
     return scores
 
 
+def _single_token_ok(evalset: EvalSet) -> bool:
+    return bool(evalset.label_ids) and all(len(ids) == 1 for ids in evalset.label_ids) and all(evalset.inputs)
+
+
+def _logits_kwargs(base: BaseModel, keep: int) -> dict[str, int]:
+    return {"logits_to_keep": keep} if "logits_to_keep" in inspect.signature(base.model.forward).parameters else {}
+
+
+@torch.no_grad()
 def _single_token_label_scores(base: BaseModel, tensor, evalset: EvalSet, batch_size: int, progress: bool) -> torch.Tensor:
-    candidates = torch.tensor([ids[0] for ids in evalset.label_ids])
-    order = sorted(range(len(evalset.inputs)), key=lambda i: len(evalset.inputs[i]))
-    scores = torch.empty(len(evalset.inputs), len(candidates))
-    extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(base.model.forward).parameters else {}
-    for s in tqdm(range(0, len(order), batch_size), desc="labels", disable=not progress, leave=False):
-        rows = order[s:s + batch_size]
-        batch = collate([Encoded(evalset.inputs[i], [-100] * len(evalset.inputs[i]), len(evalset.inputs[i]))
-                         for i in rows], base.tokenizer.pad_token_id)
-        prompted = base.prepend_prompts(batch["input_ids"], batch["attention_mask"], tensor)
-        # Layout [pad | virtual | tokens]: the last column is every row's last input token.
-        logits = base.forward(prompted, **extra).logits[:, -1].float()
-        logp = torch.log_softmax(logits, -1)[:, candidates.to(logits.device)]
-        scores[rows] = logp.cpu()
+    scores, _, _ = _one_pass(base, tensor, evalset, batch_size, progress, with_loss=False)
     return scores
+
+
+@torch.no_grad()
+def _one_pass(base: BaseModel, tensor, evalset: EvalSet, batch_size: int, progress: bool,
+              with_loss: bool = True) -> tuple[torch.Tensor, float, int]:
+    """Single-token labels: ONE forward per row over input + gold answer gives both every label's score (the
+    distribution after the last input token) and the answer loss (the answer's own positions).
+
+    Returns ([rows, labels] log-likelihoods, summed answer NLL, answer tokens) - the same numbers as
+    `_pair_label_scores` and `token_loss`, at a third (binary labels) of the cost.
+    """
+    candidates = torch.tensor([ids[0] for ids in evalset.label_ids])
+    rows_all = evalset.examples if with_loss else [
+        Encoded(ids, [-100] * len(ids), len(ids)) for ids in evalset.inputs]
+    order = sorted(range(len(rows_all)), key=lambda i: len(rows_all[i].input_ids))
+    scores = torch.empty(len(rows_all), len(candidates))
+    nll, count = 0.0, 0
+    for s in tqdm(range(0, len(order), batch_size), desc="labels+loss" if with_loss else "labels",
+                  disable=not progress, leave=False):
+        rows = order[s:s + batch_size]
+        examples = [rows_all[i] for i in rows]
+        batch = collate(examples, base.tokenizer.pad_token_id)
+        prompted = base.prepend_prompts(batch["input_ids"], batch["attention_mask"], tensor)
+        # Layout [pad | virtual | tokens]: every row ends in the last column, so the last `keep` positions hold
+        # each row's last input token and its answer.
+        keep = max(len(e.input_ids) - e.n_input for e in examples) + 1
+        logits = base.forward(prompted, **_logits_kwargs(base, keep)).logits[:, -keep:].float()
+        logp = torch.log_softmax(logits, -1)  # [B, keep, V]
+        for b, e in enumerate(examples):
+            tail = len(e.input_ids) - e.n_input  # answer tokens
+            scores[rows[b]] = logp[b, keep - tail - 1, candidates.to(logp.device)].cpu()
+            for t in range(e.n_input, len(e.input_ids)):
+                if e.labels[t] != -100:  # token t is predicted at position t - 1
+                    nll -= float(logp[b, keep - (len(e.input_ids) - t) - 1, e.labels[t]])
+                    count += 1
+    return scores, nll, count
 
 
 @torch.no_grad()
@@ -237,10 +270,17 @@ def generate_predictions(base: BaseModel, prompt, evalset: EvalSet, batch_size: 
 def score(base: BaseModel, prompt, evalset: EvalSet, batch_size: int = 16, progress: bool = False) -> dict[str, Any]:
     """{'loss', 'perplexity', 'n'}; classification adds accuracy, macro_f1, labels, predictions; generation
     adds exact_match, token_f1, rougeL, bleu, predictions (one per distinct input)."""
-    loss = token_loss(base, prompt, evalset.examples, batch_size, progress)
+    scores = None
+    if evalset.labels and _single_token_ok(evalset):
+        scores, nll, count = _one_pass(base, _prompt_tensor(prompt), evalset, batch_size, progress)
+        loss = nll / max(count, 1)
+    else:
+        loss = token_loss(base, prompt, evalset.examples, batch_size, progress)
     result: dict[str, Any] = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "n": len(evalset.examples)}
     if evalset.labels:
-        predictions = label_scores(base, prompt, evalset, batch_size * 2, progress).argmax(1).tolist()
+        if scores is None:
+            scores = label_scores(base, prompt, evalset, batch_size * 2, progress)
+        predictions = scores.argmax(1).tolist()
         result["accuracy"] = accuracy(predictions, evalset.gold)
         result["macro_f1"] = macro_f1(predictions, evalset.gold, len(evalset.labels))
         result["labels"] = evalset.labels
