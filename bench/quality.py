@@ -120,7 +120,7 @@ def load_e2e(d: Path, rng: random.Random, b: Budget):
 TASKS = [
     Task("sst2", "classification", load_sst2, "Review: {sentence}\nSentiment:", " {label}", "0=negative,1=positive",
          "Classify the sentiment of the movie review as positive or negative.", 2,
-         full=Budget(70, 16, None), quick=Budget(12, 16, 150)),
+         full=Budget(250, 16, None), quick=Budget(30, 16, 150)),
     Task("rte", "classification", load_rte, "{sentence1}\nQuestion: {sentence2} Yes or no?\nAnswer:", " {label}",
          "entailment=yes,not_entailment=no",
          "Does the first sentence imply the second? Answer yes or no.", 1,
@@ -237,8 +237,17 @@ def train_peft(base, examples, model_arg: str | None, task: Task, budget: Budget
         logging_strategy="no", save_strategy="no", report_to=[], use_cpu=base.device.type == "cpu", seed=SEED,
         data_seed=SEED, disable_tqdm=True, dataloader_num_workers=0, remove_unused_columns=False)
     dataset = [{"input_ids": e.input_ids, "labels": e.labels} for e in examples]
-    trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collate, callbacks=[Clock()])
-    trainer.train()
+    # A GGUF checkpoint is dequantised to fp32 when loaded, but transformers still flags it as quantized and the
+    # Trainer refuses to train it; nothing is quantized, so lift the flag while PEFT trains.
+    flagged = base.model.__dict__.get("is_quantized")
+    if flagged:
+        base.model.is_quantized = False
+    try:
+        trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collate, callbacks=[Clock()])
+        trainer.train()
+    finally:
+        if flagged:
+            base.model.is_quantized = flagged
     prompt = SoftPrompt(model.get_prompt_embedding_to_save("default").detach().float().cpu(),
                         {"init": {"strategy": f"peft-{recipe['init'].lower()}", "text": recipe["init_text"]}})
     if not seen or seen[-1][0] != clock["steps"]:
