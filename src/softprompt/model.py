@@ -174,9 +174,9 @@ class BaseModel:
     model: Any
     tokenizer: Any
     source: str
-    # Run a batch's shared prompt once instead of once per row in `sequence_nll` (same result; off only to
-    # measure or compare against the plain path).
-    shared_prefix: bool = True
+    # Run a batch's shared prompt once instead of once per row in `sequence_nll` (same result). None = auto:
+    # on for CPU, where it pays; off on CUDA, where the extra small launch measured slower (BENCHMARKS.md, GPU).
+    shared_prefix: bool | None = None
     _cache: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -313,7 +313,8 @@ class BaseModel:
         assert batch.labels is not None, "sequence_nll needs labels"
         backbone, head = self.model.base_model, self.model.get_output_embeddings()
         full_logits = backbone is self.model or head is None or getattr(self.config, "final_logit_softcapping", None)
-        shared = None if full_logits or batch.shared is None or not self.shared_prefix else self._shared_prefix_hidden(batch.shared)
+        use_shared = self.shared_prefix if self.shared_prefix is not None else self.device.type == "cpu"
+        shared = None if full_logits or batch.shared is None or not use_shared else self._shared_prefix_hidden(batch.shared)
         if shared is not None:
             hidden_or_logits, labels = shared
         elif full_logits:
