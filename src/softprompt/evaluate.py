@@ -177,7 +177,7 @@ def label_scores(base: BaseModel, prompt, evalset: EvalSet, batch_size: int = 32
     """
     assert evalset.label_ids is not None
     tensor = _prompt_tensor(prompt)
-    if _single_token_ok(evalset):
+    if _single_token_ok(evalset) and not base.is_encoder_decoder:
         return _single_token_label_scores(base, tensor, evalset, batch_size, progress)
     return _pair_label_scores(base, tensor, evalset, batch_size, progress)
 
@@ -271,7 +271,7 @@ def score(base: BaseModel, prompt, evalset: EvalSet, batch_size: int = 16, progr
     """{'loss', 'perplexity', 'n'}; classification adds accuracy, macro_f1, labels, predictions; generation
     adds exact_match, token_f1, rougeL, bleu, predictions (one per distinct input)."""
     scores = None
-    if evalset.labels and _single_token_ok(evalset):
+    if evalset.labels and _single_token_ok(evalset) and not base.is_encoder_decoder:
         scores, nll, count = _one_pass(base, _prompt_tensor(prompt), evalset, batch_size, progress)
         loss = nll / max(count, 1)
     else:

@@ -83,6 +83,8 @@ def generate_ids(
     eos = {t for t in [tok.eos_token_id, *(as_list(getattr(base.model.generation_config, "eos_token_id", None)))] if t is not None}
     ids, mask = _left_pad(inputs, tok.pad_token_id)
     prompted = base.prepend_prompts(ids, mask, prompts)
+    if base.is_encoder_decoder:
+        return _generate_seq2seq(base, prompted, eos, max_new_tokens, temperature, top_p, seed, stop)
     gen = torch.Generator(device=base.device).manual_seed(seed) if seed is not None and temperature > 0 else None
     params = inspect.signature(base.model.forward).parameters
     extra = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
@@ -109,6 +111,23 @@ def generate_ids(
         out = base.model(input_ids=nxt[:, None], attention_mask=attn, position_ids=position[:, None],
                          use_cache=True, **{cache_kw: cache_of(out)})
     return new
+
+
+def _generate_seq2seq(base, prompted, eos, max_new_tokens, temperature, top_p, seed, stop) -> list[list[int]]:
+    """Text-to-text models: HF generate on the prompted encoder input (its decoder loop is the standard one)."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
+    out = base.model.generate(inputs_embeds=prompted.inputs_embeds, attention_mask=prompted.attention_mask,
+                              max_new_tokens=max_new_tokens, pad_token_id=base.tokenizer.pad_token_id, **sampling)
+    start = base.model.config.decoder_start_token_id
+    rows = []
+    for row in out.tolist():
+        row = row[1:] if row and row[0] == start else row
+        cut = next((i for i, t in enumerate(row) if t in eos), len(row))
+        row = row[:cut]
+        rows.append(row)
+    return rows  # stop strings are cut from the decoded text by the callers (cut_at_stop)
 
 
 def cache_of(out):

@@ -226,6 +226,7 @@ class BaseModel:
             "hidden_size": self.hidden_size,
             "vocab_size": self.vocab_size,
             "embedding_sha256": self._embedding_hash,
+            "is_encoder_decoder": self.is_encoder_decoder,
         }
 
     def check_compatible(self, prompt: SoftPrompt, *, source: str = "prompt", strict: bool = True) -> None:
@@ -270,6 +271,16 @@ class BaseModel:
         row: the mixed batch the server uses). Rows are then left-aligned so padding sits first.
         """
         input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
+        decoder_labels = None
+        if self.is_encoder_decoder:
+            # Text-to-text: the prompt goes before the ENCODER input; the answer (the labelled tokens of a row
+            # laid out input + answer) becomes the decoder's labels. Same rows, same callers as decoder-only.
+            if labels is not None:
+                labels = labels.to(self.device)
+                answer = (labels != -100) & (attention_mask == 1)
+                attention_mask = attention_mask * (~answer).long()
+                decoder_labels = _left_align(labels, answer)  # [B, A], -100 padded at the end
+                labels = None
         raw_labels = labels
         batch = input_ids.shape[0]
         token_embeds = self.model.get_input_embeddings()(input_ids)  # [B, T, d]
@@ -289,6 +300,8 @@ class BaseModel:
             real_before = torch.cat([torch.zeros_like(mask[:, :1]), mask[:, :-1]], dim=1)
             labels = labels.masked_fill(real_before == 0, -100)
         positions = (mask.cumsum(1) - 1).clamp(min=0)
+        if self.is_encoder_decoder:
+            return Prompted(embeds, mask, positions, decoder_labels)
         shared = None
         if isinstance(prompts, torch.Tensor) and prompts.shape[0] > 0:
             shared = SharedPrefix(virtual[0].to(token_embeds.dtype), token_embeds, attention_mask,
@@ -297,6 +310,9 @@ class BaseModel:
 
     def forward(self, batch: Prompted, **kwargs):
         """Plain HF forward on injected inputs (full logits); used by generation and parity tests."""
+        if self.is_encoder_decoder:  # relative position bias: no position ids; labels drive the decoder
+            return self.model(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
+                              labels=batch.labels, **kwargs)
         return self.model(
             inputs_embeds=batch.inputs_embeds,
             attention_mask=batch.attention_mask,
@@ -311,6 +327,10 @@ class BaseModel:
         [B, L, vocab] logits, the largest tensor of the step.
         """
         assert batch.labels is not None, "sequence_nll needs labels"
+        if self.is_encoder_decoder:
+            logits = self.forward(batch).logits  # [B, A, V], aligned with the decoder labels
+            nll = F.cross_entropy(logits.float().transpose(1, 2), batch.labels, reduction="none")  # [B, A]
+            return nll.sum(1), (batch.labels != -100).sum(1)
         backbone, head = self.model.base_model, self.model.get_output_embeddings()
         full_logits = backbone is self.model or head is None or getattr(self.config, "final_logit_softcapping", None)
         use_shared = self.shared_prefix if self.shared_prefix is not None else self.device.type == "cpu"
@@ -472,6 +492,13 @@ def _PrefixLayer(keys: torch.Tensor, values: torch.Tensor, batch: int):
 
 
 _PREFIX_LAYER = None
+
+
+def _left_align(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """The `keep` entries of each row moved to its front, -100 after: [B, T] -> [B, max kept]."""
+    width = max(int(keep.sum(1).max()), 1)
+    order = torch.argsort((~keep).long(), dim=1, stable=True)[:, :width]
+    return values.gather(1, order).masked_fill(~keep.gather(1, order), -100)
 
 
 def stack_prompts(
