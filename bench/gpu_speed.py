@@ -87,12 +87,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--rows", type=int, default=1024)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--memory-steps", type=int, default=1)
     ap.add_argument("--out", default=os.environ.get("OUT", "runs/gpu_speed"))
     args = ap.parse_args(argv)
     if args.tiny:
         args.shape, args.rows, args.steps, args.warmup, args.batch_size = "tiny", 128, 2, 1, 8
     args.tiny_data = args.tiny
     device = torch.device(args.device)
+    if device.type == "cpu":
+        speed.single_malloc_arena()
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 (PEFT's default Trainer run)
     out = Path(args.out)
@@ -100,13 +103,8 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.perf_counter()
     report: dict = {"machine": speed.machine_info(device), "args": vars(args), "shape": SHAPES[args.shape], "runs": []}
     print(f"machine: {report['machine']}", flush=True)
-    peaks = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        by_shape = speed.matmul_peak(device, dtype, seconds=0.2 if args.tiny else 1.0)
-        peaks[str(dtype).removeprefix("torch.")] = max(by_shape.values())
-        report.setdefault("matmul_tflops_by_shape", {})[str(dtype)] = {k: v / 1e12 for k, v in by_shape.items()}
-    report["peaks_tflops"] = {k: v / 1e12 for k, v in peaks.items()}
-    print(f"matmul peak TFLOP/s: {report['peaks_tflops']}", flush=True)
+    peaks: dict[str, float] = {}
+    speed.measure_peaks(device, peaks, report, seconds=0.2 if args.tiny else 1.0)
 
     from softprompt import BaseModel
     from softprompt.data import Encoder, Template

@@ -91,6 +91,17 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, seconds: float = 1.5) 
     return out
 
 
+def measure_peaks(device: torch.device, peaks: dict, report: dict, seconds: float) -> None:
+    """Best matmul FLOP/s per dtype so far (measured at the start and the end of a run: noise only lowers it)."""
+    for dtype in (torch.float32, torch.bfloat16):
+        name = str(dtype).removeprefix("torch.")
+        by_shape = matmul_peak(device, dtype, seconds=seconds)
+        peaks[name] = max(peaks.get(name, 0.0), *by_shape.values())
+        report.setdefault("matmul_tflops_by_shape", {}).setdefault(name, []).append({k: v / 1e12 for k, v in by_shape.items()})
+    report["peaks_tflops"] = {k: v / 1e12 for k, v in peaks.items()}
+    print(f"matmul peak TFLOP/s: {report['peaks_tflops']}", flush=True)
+
+
 def machine_info(device: torch.device) -> dict[str, Any]:
     info: dict[str, Any] = {"torch": torch.__version__, "python": platform.python_version(),
                             "threads": torch.get_num_threads(), "device": str(device)}
@@ -157,6 +168,16 @@ class MemoryProbe:
         if not self.cpu_ok:
             return None
         return _proc_status("VmHWM") - before
+
+
+def single_malloc_arena() -> None:
+    """One glibc malloc arena for all threads (mallopt M_ARENA_MAX=1), set before any thread starts. Each
+    configuration trains in its own thread; with per-thread arenas every thread would keep its own freed
+    step memory resident (the process would hold the SUM of the configurations' peaks, not the largest)."""
+    global _libc
+    with contextlib.suppress(OSError, AttributeError):
+        _libc = _libc or ctypes.CDLL("libc.so.6")
+        _libc.mallopt(-8, 1)  # M_ARENA_MAX
 
 
 def total_memory(device: torch.device) -> int:
@@ -266,6 +287,7 @@ def softprompt_stepper(name: str, base, work: Workload, args, out: Path, shared_
 
     if not hasattr(base, "_bench_counts"):  # count the rows every step feeds in (one wrapper per model)
         original = base.prepend_prompts
+        base._bench_counts = {}
 
         def counted(input_ids, attention_mask, prompts, labels=None):
             count_inputs(base._bench_counts, attention_mask, labels)
@@ -275,7 +297,7 @@ def softprompt_stepper(name: str, base, work: Workload, args, out: Path, shared_
 
     def run(gate):
         train(data=str(work.data_file), output=str(out / f"{name}-{work.name}"), base=base, overwrite=True,
-              steps=args.warmup + args.steps * 2 + 5, batch_size=args.batch_size, virtual_tokens=args.virtual_tokens,
+              steps=args.warmup + args.steps + args.memory_steps + 5, batch_size=args.batch_size, virtual_tokens=args.virtual_tokens,
               max_length=args.max_length, lr=0.03, save_every=10**9, progress=False, seed=0,
               on_step=lambda step, record: gate(), **work.template)
 
@@ -310,7 +332,7 @@ def peft_stepper(name: str, hf_model, tokenizer, work: Workload, args, out: Path
         handle = peft_model.register_forward_pre_hook(count_hook, with_kwargs=True)
         targs = TrainingArguments(
             output_dir=str(out / f"{name}-{work.name}"), per_device_train_batch_size=args.batch_size,
-            learning_rate=0.03, max_steps=args.warmup + args.steps * 2 + 5, save_strategy="no", report_to=[],
+            learning_rate=0.03, max_steps=args.warmup + args.steps + args.memory_steps + 5, save_strategy="no", report_to=[],
             logging_steps=10**6, disable_tqdm=True, bf16=bf16, use_cpu=hf_model.device.type == "cpu", seed=0,
             dataloader_num_workers=0)
         trainer = Trainer(model=peft_model, args=targs, train_dataset=rows, callbacks=[Gate()],
@@ -411,8 +433,8 @@ def meta_model(folder: str):
 def non_embedding_params(hf_model) -> tuple[int, int, int]:
     emb = hf_model.get_input_embeddings().weight
     head = hf_model.get_output_embeddings()
-    skip = {emb.data_ptr()} | ({head.weight.data_ptr()} if head is not None else set())
-    n = sum(p.numel() for p in hf_model.parameters() if p.data_ptr() not in skip)
+    skip = [emb] + ([head.weight] if head is not None else [])  # by identity: works on the meta device too
+    n = sum(p.numel() for p in hf_model.parameters() if not any(p is q for q in skip))
     return n, emb.shape[1], emb.shape[0]
 
 
@@ -446,21 +468,36 @@ def build_steppers(configs: list[str], folder: str, work: Workload, args, out: P
 
 
 def measure(steppers: list[Stepper], args, device: torch.device) -> dict[str, list[dict]]:
-    probe = MemoryProbe(device)
+    """Warm up, then timed rounds (one step of each configuration in turn), then memory rounds. Memory is
+    measured on separate steps: trimming the allocator before a step makes that step fault its pages in
+    again, which would slow the timed steps."""
+    probe, no_probe = MemoryProbe(device), NoProbe()
     for s in steppers:
         s.start()  # setup + first step, untimed
         for _ in range(args.warmup - 1):
-            s.step(probe)
+            s.step(no_probe)
         print(f"  {s.name}: warmed up", flush=True)
     samples: dict[str, list[dict]] = {s.name: [] for s in steppers}
     for r in range(args.steps):  # rounds: every configuration one step, in turn
         for s in steppers:
-            samples[s.name].append(s.step(probe))
+            samples[s.name].append(s.step(no_probe))
         if (r + 1) % max(1, args.steps // 4) == 0:
             print(f"  round {r + 1}/{args.steps}", flush=True)
+    for _ in range(args.memory_steps):
+        for s in steppers:
+            mem = s.step(probe)["peak_bytes"]
+            samples[s.name][0].setdefault("memory_steps", []).append(mem)
     for s in steppers:
         s.finish()
     return samples
+
+
+class NoProbe:
+    def before(self) -> int:
+        return 0
+
+    def after(self, before: int) -> None:
+        return None
 
 
 def summarise(name: str, dataset: str, samples: list[dict], stepper: Stepper, flops_per_token: float,
@@ -470,7 +507,7 @@ def summarise(name: str, dataset: str, samples: list[dict], stepper: Stepper, fl
     labelled = sum(s["labelled"] for s in samples)
     examples = sum(s["examples"] for s in samples)
     flops = flops_per_token * tokens + head_flops_per_label * labelled
-    mems = [s["peak_bytes"] for s in samples if s["peak_bytes"] is not None]
+    mems = [m for m in samples[0].get("memory_steps", []) if m is not None]
     row = {
         "name": name, "dataset": dataset, "steps": len(samples),
         "tokens_per_s": tokens / seconds, "examples_per_s": examples / seconds,
@@ -482,6 +519,7 @@ def summarise(name: str, dataset: str, samples: list[dict], stepper: Stepper, fl
         "mfu_vs_best_peak": flops / seconds / max(peaks.values()),
         "step_peak_mib": max(mems) / 2**20 if mems else None,
         "weights_mib": stepper.weights_bytes / 2**20,
+        "samples": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in s.items()} for s in samples],
     }
     if row["step_peak_mib"] is not None:
         row["total_mib"] = row["step_peak_mib"] + row["weights_mib"]
@@ -521,7 +559,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--virtual-tokens", type=int, default=20)
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps per configuration (>= 1)")
-    ap.add_argument("--steps", type=int, default=8, help="timed steps (rounds) per configuration")
+    ap.add_argument("--steps", type=int, default=6, help="timed steps (rounds) per configuration")
+    ap.add_argument("--memory-steps", type=int, default=1, help="extra steps per configuration measuring memory")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--cache-dir", default=os.environ.get("SOFTPROMPT_BENCH_CACHE", "~/.cache/softprompt-bench"))
@@ -535,19 +574,16 @@ def main(argv: list[str] | None = None) -> dict:
     from softprompt.model import pick_device
 
     device = pick_device(args.device)
+    if device.type == "cpu":
+        single_malloc_arena()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     report: dict[str, Any] = {"machine": machine_info(device), "args": vars(args), "runs": []}
     print(f"machine: {report['machine']}", flush=True)
 
-    peaks = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        by_shape = matmul_peak(device, dtype, seconds=0.3 if args.tiny else 1.5)
-        peaks[str(dtype).removeprefix("torch.")] = max(by_shape.values())
-        report.setdefault("matmul_tflops_by_shape", {})[str(dtype)] = {k: v / 1e12 for k, v in by_shape.items()}
-    report["peaks_tflops"] = {k: v / 1e12 for k, v in peaks.items()}
-    print(f"matmul peak TFLOP/s: {report['peaks_tflops']}", flush=True)
+    peaks: dict[str, float] = {}
+    measure_peaks(device, peaks, report, seconds=0.3 if args.tiny else 1.5)
 
     folder = model_folder(args)
     from transformers import AutoTokenizer
@@ -571,6 +607,11 @@ def main(argv: list[str] | None = None) -> dict:
                       f"{row['step_peak_mib'] or float('nan'):.0f} MiB", flush=True)
             del steppers, samples
             gc.collect()
+    measure_peaks(device, peaks, report, seconds=0.3 if args.tiny else 1.5)  # again: noise only ever lowers a peak
+    for row in report["runs"]:
+        flops = row["model_tflops"] * 1e12
+        row.update(mfu_vs_bf16_peak=flops / peaks["bfloat16"], mfu_vs_fp32_peak=flops / peaks["float32"],
+                   mfu_vs_best_peak=flops / max(peaks.values()))
     report["params_non_embedding"] = n_params
     report["wall_s"] = time.perf_counter() - started
     (out / "speed.json").write_text(json.dumps(report, indent=2, default=str))
