@@ -378,6 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-dir", default=os.environ.get("SOFTPROMPT_DATA", str(ROOT.parent / "shared" / "data")))
     p.add_argument("--output", default=str(ROOT / "runs" / "bench"))
     p.add_argument("--no-curve", action="store_true", help="skip the SST-2 accuracy-vs-time plot")
+    p.add_argument("--steps", type=int, help="override every selected task's number of training steps")
     args = p.parse_args(argv)
     data_dir, out = Path(args.data_dir), Path(args.output)
     if not data_dir.is_dir():
@@ -397,6 +398,8 @@ def main(argv: list[str] | None = None) -> int:
         if task.name not in wanted:
             continue
         budget = task.smoke if args.smoke else task.quick if args.quick else task.full
+        if args.steps:
+            budget = Budget(args.steps, budget.batch_size, budget.eval_rows)
         results["tasks"].append(run_task(base, task, data_dir, out, budget, args.model,
                                          curve=task.name == "sst2" and not args.no_curve))
         results["total_s"] = time.perf_counter() - started
