@@ -105,3 +105,17 @@ def test_epoch_batches_are_a_deterministic_permutation():
         return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
 
     assert padding(a) < 0.1 * padding(epoch_batches(lengths, 16, seed=1, epoch=0, by_length=False))
+
+
+def test_chat_mode_wraps_the_input_in_the_chat_template(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok.chat_template = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
+                         "{% if add_generation_prompt %}<s>assistant:{% endif %}")
+    enc = Encoder(tok, Template(input="Review: {text}", chat=True, system="Be brief."))
+    e = enc.encode_rows([{"text": "the film was great", "output": "positive"}])[0]
+    rendered = tok.decode(e.input_ids[: e.n_input])
+    assert rendered.startswith("<s>system: Be brief.</s><s>user: Review: the film was great</s><s>assistant:")
+    # The answer follows the template directly (no leading space in chat mode) and ends with EOS.
+    assert e.input_ids[e.n_input:] == tok("positive", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
