@@ -35,3 +35,21 @@ def test_evaluate_ensemble_reports_members_and_ensembles(tiny_base, sentiment_fi
         assert 0.0 <= report[key] <= 1.0
     single = label_scores(tiny_base, prompts[0], evalset).argmax(1)
     assert report["members"][0]["accuracy"] == float((single == torch.tensor(evalset.gold)).float().mean())
+
+
+def test_eval_with_several_prompts_reports_each_and_the_ensembles(tiny_base, tiny_model_dir, sentiment_files, tmp_path, capsys):
+    from softprompt.cli import main
+
+    for s in range(3):
+        p = SoftPrompt.initialise(tiny_base, 4, "vocab", seed=s)
+        p.meta["template"] = Template().to_dict()
+        p.save(tmp_path / f"p{s}")
+    argv = ["eval", "--data", str(sentiment_files[1]), "--model", str(tiny_model_dir), "--json"]
+    for s in range(3):
+        argv += ["--prompt", str(tmp_path / f"p{s}")]
+    assert main(argv) == 0
+    import json
+
+    systems = [s["system"] for s in json.loads(capsys.readouterr().out)["systems"]]
+    assert systems[-2:] == ["ensemble (mean)", "ensemble (vote)"]
+    assert sum(s.startswith("prompt ") for s in systems) == 3

@@ -445,9 +445,27 @@ def evaluate(
 
     report = compare(base, template, rows, systems, task=task, source=str(data), max_length=max_length,
                      batch_size=batch_size, max_new_tokens=max_new_tokens, stop=stop, progress=progress)
+    if len(loaded) > 1 and report["task"] == "classification":
+        report["systems"] += _ensemble_rows(base, template, rows, loaded, str(data), max_length, batch_size, progress)
     primary = report["systems"][len(systems) - len(loaded)] if loaded else report["systems"][0]
     return {**{k: v for k, v in primary.items() if k != "system"}, **report,
             "prompt": None if not loaded else primary["prompt"]}
+
+
+def _ensemble_rows(base, template, rows, prompts, source, max_length, batch_size, progress) -> list[dict[str, Any]]:
+    """Several prompts for one task: add their mean-log-prob and majority-vote ensembles (Lester et al. 2021)."""
+    from .ensemble import combine, ensemble_label_scores
+
+    evalset = prepare(base, template, rows, source=source, max_length=max_length, task="classification")
+    scores = ensemble_label_scores(base, prompts, evalset, batch_size * 2, progress)
+    out = []
+    for how in ("mean", "vote"):
+        predictions = combine(scores, how).tolist()
+        out.append({"system": f"ensemble ({how})", "prompt": None, "n": len(rows),
+                    "accuracy": accuracy(predictions, evalset.gold),
+                    "macro_f1": macro_f1(predictions, evalset.gold, len(evalset.labels)),
+                    "labels": evalset.labels, "predictions": [evalset.labels[p] for p in predictions]})
+    return out
 
 
 def _parse_baselines(baselines: Sequence[str] | str | None) -> set[str]:
