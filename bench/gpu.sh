@@ -19,9 +19,10 @@ export PYTHONPATH="$HERE/src${PYTHONPATH:+:$PYTHONPATH}"
 { nvidia-smi || true; python -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"; } > "$OUT_DIR/env.txt" 2>&1
 cat "$OUT_DIR/env.txt"
 status=0
-# 1B: the product path vs its ablation (no shared prefix) vs PEFT bf16 and PEFT's default fp32 Trainer.
-timeout "${GPU_1B_TIMEOUT:-240}" python bench/gpu_speed.py --shape 1b --configs softprompt,softprompt-plain,peft-bf16,peft-fp32 \
-  --batch-size 16 --steps 10 --warmup 3 ${GPU_BENCH_EXTRA:-} --out "$OUT_DIR/1b" 2>&1 | tee "$OUT_DIR/1b.log" || status=1
+# 1B: the product path (shared prefix auto = off on CUDA) vs shared prefix forced on vs PEFT bf16 and PEFT's
+# default fp32 Trainer.
+timeout "${GPU_1B_TIMEOUT:-240}" python bench/gpu_speed.py --shape 1b --configs softprompt,softprompt-shared,peft-bf16,peft-fp32 \
+  --batch-size 16 --steps 10 --warmup 3 --profile ${GPU_BENCH_EXTRA:-} --out "$OUT_DIR/1b" 2>&1 | tee "$OUT_DIR/1b.log" || status=1
 # 8B: the product path vs PEFT bf16 (skip with GPU_SKIP_8B=1).
 if [ -z "${GPU_SKIP_8B:-}" ]; then
   timeout "${GPU_8B_TIMEOUT:-180}" python bench/gpu_speed.py --shape 8b --configs softprompt,peft-bf16 \

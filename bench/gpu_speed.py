@@ -74,13 +74,77 @@ def rows_for(workload: str, n: int, vocab: int, tiny: bool, seed: int = 0) -> tu
     return [{"text": words(rng.randint(lo, hi))} for _ in range(n)], dict(lm=True, output_template="{text}")
 
 
+def direct_phase(base, work, args, device: torch.device, out: Path) -> list[dict]:
+    """No threads, no training loop: the bare step (inject, loss, backward) timed in a plain loop, for our path
+    (shared prefix auto / on / off) and for the HF full-logits forward PEFT does (prompt concatenated, logits for
+    every position, HF's loss), on the same model and the same length-sorted batches. Separates the cost of
+    the path from the cost of loops and harness; a profile of our step goes to OUT/profile-<workload>.txt."""
+    import statistics
+
+    from softprompt.data import collate, epoch_batches
+
+    pad = base.tokenizer.pad_token_id
+    batches = epoch_batches([len(e.input_ids) for e in work.encoded], args.batch_size, seed=1, epoch=0)
+    batches = [collate([work.encoded[i] for i in b], pad) for b in batches[: args.warmup + args.steps]]
+    prompt = (torch.randn(args.virtual_tokens, base.hidden_size, device=device) * 0.02).requires_grad_(True)
+
+    def ours(t):
+        nll, _ = base.sequence_nll(base.prepend_prompts(t["input_ids"], t["attention_mask"], prompt, t["labels"]))
+        nll.sum().backward()
+
+    def full_logits(t):
+        ids, mask, labels = (t[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
+        embeds = torch.cat([prompt.to(base.dtype).expand(ids.shape[0], -1, -1), base.model.get_input_embeddings()(ids)], 1)
+        mask = torch.cat([mask.new_ones(ids.shape[0], args.virtual_tokens), mask], 1)
+        labels = torch.cat([labels.new_full((ids.shape[0], args.virtual_tokens), -100), labels], 1)
+        base.model(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss.backward()
+
+    rows = []
+    saved = base.shared_prefix
+    variants = [("ours (auto)", None, ours), ("ours shared", True, ours), ("ours plain", False, ours),
+                ("hf full logits (PEFT's computation)", None, full_logits)]
+    for name, flag, fn in variants:
+        base.shared_prefix = flag
+        times, tokens = [], 0
+        for i, t in enumerate(batches):
+            speed.sync(device)
+            t0 = time.perf_counter()
+            fn(t)
+            speed.sync(device)
+            prompt.grad = None
+            if i >= args.warmup:
+                times.append(time.perf_counter() - t0)
+                tokens += int(t["attention_mask"].sum())
+        rows.append({"name": name, "dataset": work.name, "tokens_per_s": tokens / sum(times),
+                     "median_step_s": statistics.median(times)})
+        print(f"  direct {name:38s} {rows[-1]['tokens_per_s']:10.0f} tok/s  median step {rows[-1]['median_step_s']:.4f}s",
+              flush=True)
+    base.shared_prefix = saved
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=activities) as prof:
+            for t in batches[-2:]:
+                ours(t)
+                speed.sync(device)
+                prompt.grad = None
+        table = prof.key_averages()
+        text = [f"ours (auto), 2 steps of {work.name}\n"]
+        if device.type == "cuda":
+            text.append(table.table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=60))
+        text.append(table.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=60))
+        (out / f"profile-{work.name}.txt").write_text("\n".join(text))
+    return rows
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="1b", choices=sorted(SHAPES))
     ap.add_argument("--tiny", action="store_true", help="tiny shape, short rows, few steps (smoke test)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--workloads", default="cls,lm")
-    ap.add_argument("--configs", default="softprompt,softprompt-plain,peft-bf16")
+    ap.add_argument("--configs", default="softprompt,softprompt-shared,peft-bf16")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--virtual-tokens", type=int, default=20)
     ap.add_argument("--max-length", type=int, default=512)
@@ -88,6 +152,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--memory-steps", type=int, default=1)
+    ap.add_argument("--no-direct", dest="direct", action="store_false",
+                    help="skip the bare-step timing (no threads, no loop) of our path vs HF's full-logits forward")
+    ap.add_argument("--profile", action="store_true", help="profile two bare steps of our path (OUT/profile-*.txt)")
     ap.add_argument("--out", default=os.environ.get("OUT", "runs/gpu_speed"))
     args = ap.parse_args(argv)
     if args.tiny:
@@ -133,7 +200,7 @@ def main(argv: list[str] | None = None) -> dict:
                     if dtype not in bases:
                         bases[dtype] = BaseModel(build_model(args.shape, device, dtype), tokenizer, f"random-{args.shape}")
                     steppers.append(speed.softprompt_stepper(name, bases[dtype], work, args, tmp,
-                                                             shared_prefix=name != "softprompt-plain"))
+                                                             shared_prefix=speed.shared_prefix_for(name)))
                 elif name in ("peft-bf16", "peft-fp32", "peft-amp"):
                     # peft-bf16: bf16 weights + Trainer(bf16=True); peft-amp: fp32 weights + autocast; peft-fp32: plain
                     dtype = torch.bfloat16 if name == "peft-bf16" else torch.float32
@@ -151,6 +218,9 @@ def main(argv: list[str] | None = None) -> dict:
                 report["runs"].append(row)
                 print(f"  {s.name:17s} {row['tokens_per_s']:10.0f} tok/s  MFU {100 * row['mfu_vs_bf16_peak']:.0f}% "
                       f"of bf16 peak  step peak {row['step_peak_mib'] or float('nan'):.0f} MiB", flush=True)
+            if args.direct and bases:
+                base = next(iter(bases.values()))
+                report.setdefault("direct", []).extend(direct_phase(base, work, args, device, out))
             for s in steppers:  # free PEFT copies before the next workload
                 s.run = None
             del steppers, samples
@@ -160,9 +230,14 @@ def main(argv: list[str] | None = None) -> dict:
             (out / "gpu_speed.json").write_text(json.dumps(report, indent=2, default=str))  # partial results survive a timeout
     report["wall_s"] = time.perf_counter() - started
     (out / "gpu_speed.json").write_text(json.dumps(report, indent=2, default=str))
+    direct = "".join(f"| {r['dataset']} | {r['name']} | {r['tokens_per_s']:.0f} | {r['median_step_s']:.4f} |\n"
+                     for r in report.get("direct", []))
+    if direct:
+        direct = ("\nBare steps (no threads, no training loop; same model, same length-sorted batches):\n\n"
+                  "| dataset | path | tokens/s | median step s |\n|---|---|---:|---:|\n" + direct)
     (out / "gpu_speed.md").write_text(f"Shape {args.shape}: {n_params / 1e9:.2f} B non-embedding params, "
                                       f"batch {args.batch_size}, {args.virtual_tokens} virtual tokens.\n\n"
-                                      + speed.markdown(report))
+                                      + speed.markdown(report) + direct)
     print((out / "gpu_speed.md").read_text())
     print(f"wrote {out / 'gpu_speed.json'} in {report['wall_s']:.0f}s")
     return report

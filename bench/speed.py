@@ -19,8 +19,10 @@ noisy), and the report is about ratios. Per configuration it reports, over the t
   implementation does (padding, per-row virtual tokens, full-vocab logits) is not counted: it lowers MFU.
 
 Configurations (`--configs`):
-  softprompt        the product: dtype auto (fp32 on CPU, bf16 on CUDA), length batching, shared prefix
-  softprompt-plain  the same without the shared prefix (virtual tokens run once per row), for the ablation
+  softprompt        the product: dtype auto (fp32 on CPU, bf16 on CUDA), length batching, shared prefix auto
+                    (on for CPU, off on CUDA)
+  softprompt-plain  shared prefix forced off (virtual tokens run once per row), for the ablation
+  softprompt-shared shared prefix forced on (virtual tokens once per batch)
   softprompt-bf16   frozen base in bf16 (prompt master copy fp32)
   softprompt-fp32   frozen base in fp32 (on CUDA, where auto is bf16)
   peft-fp32         PEFT PromptTuning + HF Trainer as its docs show (fp32 default, random batches, dynamic padding)
@@ -282,7 +284,12 @@ def weights_bytes(model) -> int:
     return total
 
 
-def softprompt_stepper(name: str, base, work: Workload, args, out: Path, shared_prefix: bool = True) -> Stepper:
+def shared_prefix_for(name: str) -> bool | None:
+    """softprompt: the product's choice (None = auto: on for CPU, off on CUDA); -shared / -plain force it."""
+    return {"softprompt-shared": True, "softprompt-plain": False}.get(name)
+
+
+def softprompt_stepper(name: str, base, work: Workload, args, out: Path, shared_prefix: bool | None = None) -> Stepper:
     from softprompt import train
 
     if not hasattr(base, "_bench_counts"):  # count the rows every step feeds in (one wrapper per model)
@@ -455,7 +462,7 @@ def build_steppers(configs: list[str], folder: str, work: Workload, args, out: P
             key = str(pick_dtype(dtype, device))
             if key not in bases:
                 bases[key] = load_model(folder, dtype=dtype, device=str(device))
-            steppers.append(softprompt_stepper(name, bases[key], work, args, out, shared_prefix=name != "softprompt-plain"))
+            steppers.append(softprompt_stepper(name, bases[key], work, args, out, shared_prefix=shared_prefix_for(name)))
         elif name.startswith("peft"):
             hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device)
             tok = AutoTokenizer.from_pretrained(folder)

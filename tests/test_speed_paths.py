@@ -71,7 +71,8 @@ def test_shared_prefix_equals_plain_path_fp32(tiny_base, left):
             fast = _loss_and_grad(tiny_base, prompt, ids, mask, labels)
     finally:
         handle.remove()
-    assert calls == [(1, 5, tiny_base.hidden_size), (4, 9, tiny_base.hidden_size)]  # prompt once, then the rows
+    # the prompt once, then the rows (less their last position, which predicts nothing)
+    assert calls == [(1, 5, tiny_base.hidden_size), (4, 8, tiny_base.hidden_size)]
     assert torch.equal(ref[1], fast[1])
     torch.testing.assert_close(fast[0], ref[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(fast[2], ref[2], rtol=1e-4, atol=1e-6)
@@ -113,6 +114,44 @@ def test_chunked_head_nll_equals_full_logits(dtype, tol):
         assert not head_nll(hidden, weight, targets).requires_grad
 
 
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("left", [False, True])
+def test_sequence_nll_equals_full_logits_reference(tiny_base, shared, left):
+    """Independent reference: HF's own forward on the whole injected batch, full-vocab logits, plain cross
+    entropy. Every fast path (head only at labels, chunked NLL, last position skipped, shared prefix) must
+    give the same per-row NLL and prompt gradient."""
+    torch.manual_seed(7)
+    prompt = torch.randn(5, tiny_base.hidden_size) * 0.5
+    ids, mask, labels = _batch(seed=8, left=left)
+    p_ref = prompt.clone().requires_grad_(True)
+    batch = tiny_base.prepend_prompts(ids, mask, p_ref, labels)
+    logits = tiny_base.forward(batch).logits.float()  # [B, L, V]
+    targets = batch.labels[:, 1:]
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets, reduction="none",
+                                            ignore_index=-100).sum(1)
+    nll.sum().backward()
+    with shared_prefix(tiny_base, shared):
+        fast = _loss_and_grad(tiny_base, prompt, ids, mask, labels)
+    assert fast[1].tolist() == (targets != -100).sum(1).tolist()
+    torch.testing.assert_close(fast[0], nll.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast[2], p_ref.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_one_token_rows(tiny_base):
+    prompt = torch.randn(3, tiny_base.hidden_size)
+    ids = torch.tensor([[5], [6]])
+    mask = torch.ones(2, 1, dtype=torch.long)
+    results = []
+    for shared in (False, True):
+        with shared_prefix(tiny_base, shared):
+            results.append(_loss_and_grad(tiny_base, prompt, ids, mask, ids.clone()))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-5)
+    assert results[0][1].tolist() == [1, 1]
+    with shared_prefix(tiny_base, False):  # no prompt, one token: nothing to predict
+        nll, count = tiny_base.sequence_nll(tiny_base.prepend_prompts(ids, mask, None, ids.clone()))
+    assert count.tolist() == [0, 0] and nll.tolist() == [0.0, 0.0]
+
+
 def test_per_row_prompts_and_no_prompt_take_the_plain_path(tiny_base):
     ids, mask, labels = _batch()
     prompted = tiny_base.prepend_prompts(ids, mask, [torch.zeros(2, tiny_base.hidden_size)] * 4, labels)
@@ -150,7 +189,7 @@ def test_activation_checkpointing_falls_back_to_plain_path(tiny_model_dir):
         fast = _loss_and_grad(base, prompt, ids, mask, labels)
     finally:
         handle.remove()
-    assert calls == [(4, 13, base.hidden_size)]
+    assert calls == [(4, 12, base.hidden_size)]  # plain path: 4 + 9 positions, less the last
     torch.testing.assert_close(fast[0], ref[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(fast[2], ref[2], rtol=1e-4, atol=1e-6)
 

@@ -340,16 +340,19 @@ class BaseModel:
         elif full_logits:
             hidden_or_logits, labels = self.forward(batch).logits, batch.labels
         else:
+            # The last position predicts nothing (its target would lie past the row) and, the attention being
+            # causal, no other position depends on it: the backbone runs on the first L-1 only.
+            width = max(batch.inputs_embeds.shape[1] - 1, 1)
             hidden_or_logits = backbone(
-                inputs_embeds=batch.inputs_embeds,
-                attention_mask=batch.attention_mask,
-                position_ids=batch.position_ids,
+                inputs_embeds=batch.inputs_embeds[:, :width],
+                attention_mask=batch.attention_mask[:, :width],
+                position_ids=batch.position_ids[:, :width],
                 use_cache=False,
-            ).last_hidden_state  # [B, L, d]
+            ).last_hidden_state  # [B, L-1, d]
             labels = batch.labels
         targets = labels[:, 1:]  # position t predicts token t+1
         selected = targets != -100  # [B, L-1]
-        picked = hidden_or_logits[:, :-1][selected]  # [N, d] or [N, V]
+        picked = hidden_or_logits[:, :targets.shape[1]][selected]  # [N, d] or [N, V]
         if full_logits:
             nll = F.cross_entropy(picked.float(), targets[selected], reduction="none")  # [N]
         elif type(head) is torch.nn.Linear and head.bias is None and not head.weight.requires_grad:
@@ -395,9 +398,13 @@ class BaseModel:
         embeds = embeds.gather(1, order[..., None].expand_as(embeds))
         mask = mask.gather(1, order)
         positions = n_virtual + (mask.cumsum(1) - 1).clamp(min=0)
-        out = backbone(inputs_embeds=embeds, attention_mask=torch.cat([mask.new_ones(batch, n_virtual), mask], 1),
-                       position_ids=positions, use_cache=True, **{cache_kw: cache}).last_hidden_state
-        hidden = torch.cat([pre.last_hidden_state.expand(batch, -1, -1), out], dim=1)  # [B, P+T, d]
+        hidden = pre.last_hidden_state.expand(batch, -1, -1)  # [B, P, d]
+        width = embeds.shape[1] - 1  # the last position predicts nothing: leave it out (causal: nothing needs it)
+        if width > 0:
+            out = backbone(inputs_embeds=embeds[:, :width], attention_mask=torch.cat([mask.new_ones(batch, n_virtual),
+                           mask[:, :width]], 1), position_ids=positions[:, :width], use_cache=True,
+                           **{cache_kw: cache}).last_hidden_state
+            hidden = torch.cat([hidden, out], dim=1)  # [B, P+T-1, d]
         labels = shared.token_labels.gather(1, order).masked_fill(mask == 0, -100)
         labels = torch.cat([labels.new_full((batch, n_virtual), -100), labels], dim=1)
         return hidden, labels
