@@ -98,3 +98,14 @@ def smol_base():
     from softprompt import load_model
 
     return load_model(None, dtype="float32", device="cpu")
+
+
+def cli_error(capsys, argv) -> str:
+    """Run the CLI, expect failure, and return its one-line error (no traceback)."""
+    from softprompt.cli import main
+
+    rc = main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc != 0
+    assert err and err[-1].startswith("softprompt: error:") and "Traceback" not in "\n".join(err)
+    return err[-1]

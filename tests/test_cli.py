@@ -4,6 +4,8 @@ import json
 
 import pytest
 
+from conftest import cli_error as _error
+
 from softprompt.cli import main
 
 
@@ -43,14 +45,6 @@ def test_config_file_and_flags(tiny_model_dir, sentiment_files, tmp_path):
     assert main(["train", "--config", str(cfg), "--output", str(tmp_path / "r"), "--lr", "0.07", "--no-progress"]) == 0
     meta = json.loads((tmp_path / "r" / "softprompt.json").read_text())
     assert meta["training"]["lr"] == 0.07 and meta["training"]["steps"] == 2 and meta["n_virtual_tokens"] == 3
-
-
-def _error(capsys, argv):
-    rc = main(argv)
-    err = capsys.readouterr().err.strip().splitlines()
-    assert rc != 0
-    assert err and err[-1].startswith("softprompt: error:") and "Traceback" not in "\n".join(err)
-    return err[-1]
 
 
 def test_errors_are_one_line(tiny_model_dir, trained, tmp_path, capsys):

@@ -4,6 +4,8 @@ import itertools
 import json
 
 import pytest
+
+from conftest import cli_error as _error
 import torch
 
 from softprompt import SoftPrompt, SoftPromptError, export_peft
@@ -155,14 +157,6 @@ def test_cli_inspect(tiny_model_dir, text_prompt, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "mean per-token cosine 1.000" in out and "nearest tokens" in out
     assert (tmp_path / "c.png").read_bytes()[:8] == PNG_MAGIC
-
-
-def _error(capsys, argv):
-    rc = main(argv)
-    err = capsys.readouterr().err.strip().splitlines()
-    assert rc != 0
-    assert err and err[-1].startswith("softprompt: error:") and "Traceback" not in "\n".join(err)
-    return err[-1]
 
 
 def test_cli_inspect_errors(tiny_base, tiny_model_dir, text_prompt, tmp_path, capsys):

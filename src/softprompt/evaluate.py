@@ -489,7 +489,4 @@ def _prompt_model(prompt) -> str | None:
         return None
     if isinstance(prompt, SoftPrompt):
         return (prompt.meta.get("base") or {}).get("source")
-    try:
-        return (SoftPrompt.load(prompt).meta.get("base") or {}).get("source")
-    except SoftPromptError:
-        raise
+    return (SoftPrompt.load(prompt).meta.get("base") or {}).get("source")
