@@ -6,6 +6,7 @@ softprompt's evaluator on the same examples.
     python bench/quality.py --quick         # < 10 min
     python bench/quality.py --tasks sst2    # one task
     python bench/quality.py --smoke --model DIR --data-dir DIR   # CI: a few steps on tiny data
+    python bench/quality.py --tasks sst2,rte --methods             # + one row per method (deep, P-tuning, ...)
 
 Data comes from ../shared/data (relative to the repo root; override with --data-dir or $SOFTPROMPT_DATA) and
 is never copied into the repository: seeded subsets are written under --output (default runs/bench).
@@ -33,7 +34,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 import softprompt  # noqa: E402
 from softprompt.data import Encoder, Template, read_rows  # noqa: E402
-from softprompt.evaluate import System, compare, kshot_prefix, label_scores, prepare  # noqa: E402
+from softprompt.evaluate import System, _ensemble_rows, compare, kshot_prefix, label_scores, prepare  # noqa: E402
 from softprompt.model import resolve_model  # noqa: E402
 from softprompt.prompt import SoftPrompt  # noqa: E402
 
@@ -120,7 +121,7 @@ def load_e2e(d: Path, rng: random.Random, b: Budget):
 TASKS = [
     Task("sst2", "classification", load_sst2, "Review: {sentence}\nSentiment:", " {label}", "0=negative,1=positive",
          "Classify the sentiment of the movie review as positive or negative.", 2,
-         full=Budget(250, 16, None), quick=Budget(30, 16, 150)),
+         full=Budget(600, 16, None), quick=Budget(30, 16, 150)),  # full: the "90 % within 10 minutes" run
     Task("rte", "classification", load_rte, "{sentence1}\nQuestion: {sentence2} Yes or no?\nAnswer:", " {label}",
          "entailment=yes,not_entailment=no",
          "Does the first sentence imply the second? Answer yes or no.", 1,
@@ -150,32 +151,39 @@ TASKS = [
 # ---- training -----------------------------------------------------------------------------------
 
 
-def train_softprompt(base, task: Task, train_file: Path, out: Path, budget: Budget, snapshots: int) -> dict[str, Any]:
-    """softprompt with its defaults (TrainConfig), `budget.steps` steps; snapshots of the prompt along the way."""
+# The methods of issue 5, each a row beside plain softprompt (--methods). Settings: the method's flag and the
+# defaults otherwise; the reparameterised encoders' learning rate is the one the unit tests use (not tuned).
+METHODS = {
+    "deep prompt (P-tuning v2)": {"deep": True},
+    "P-tuning (MLP reparam.)": {"reparam": "mlp", "lr": 0.01},
+    "residual prompt tuning": {"reparam": "residual", "lr": 0.01},
+}
+METHOD_TASKS = ("sst2", "rte")
+
+
+def train_softprompt(base, task: Task, train_file: Path, out: Path, budget: Budget, snapshots: int,
+                     **method) -> dict[str, Any]:
+    """softprompt with its defaults (TrainConfig) plus `method`'s flags, `budget.steps` steps; snapshots of the
+    prompt along the way."""
     every = max(1, budget.steps // snapshots) if snapshots else budget.steps + 1
     seen: list[tuple[int, float, torch.Tensor]] = []
 
     def on_step(step: int, record: dict) -> None:
-        # train() hands callbacks the step's metrics only; the prompt module is its local `prompt` (calling it
-        # gives the effective [n, d] prompt, also for a reparameterised one). Copying it takes microseconds.
         if snapshots and step % every == 0 and step < budget.steps:
-            module = sys._getframe(1).f_locals.get("prompt")
-            if module is not None:
-                with torch.no_grad():
-                    tensor = module() if callable(module) else module.embeddings
-                seen.append((step, record["elapsed_s"], tensor.detach().float().cpu().clone()))
+            seen.append((step, record["elapsed_s"], record["prompt"].float().cpu().clone()))
 
     kw = dict(input_template=task.input_template, output_template=task.output_template, label_map=task.label_map)
     if task.kind == "lm":
         kw = dict(lm=True, output_template=task.output_template)
     result = softprompt.train(data=str(train_file), output=str(out), overwrite=True, base=base, steps=budget.steps,
                               batch_size=budget.batch_size, progress=False, seed=SEED,
-                              init_text=task.instruction, on_step=on_step, **kw)
+                              init_text=task.instruction, on_step=on_step, **kw, **method)
     m = result.metrics
     seen.append((m["steps"], m["wall_time_s"], result.prompt.embeddings.detach().clone()))
     return {"prompt": result.prompt, "wall_s": m["wall_time_s"], "steps": m["steps"], "examples": m["examples_seen"],
             "snapshots": seen, "config": {k: result.prompt.meta["training"].get(k) for k in
-                                          ("virtual_tokens", "init", "lr", "schedule", "warmup", "batch_size")}}
+                                          ("virtual_tokens", "init", "deep", "reparam", "lr", "schedule", "warmup",
+                                           "batch_size")}}
 
 
 def peft_recipe(task: Task) -> dict[str, Any]:
@@ -204,7 +212,6 @@ def train_peft(base, examples, model_arg: str | None, task: Task, budget: Budget
     torch.manual_seed(SEED)  # RANDOM init draws from torch's global generator
     model = get_peft_model(base.model, config)
     pad = base.tokenizer.pad_token_id
-    every = max(1, budget.steps // snapshots) if snapshots else budget.steps + 1
     seen: list[tuple[int, float, torch.Tensor]] = []
     clock = {}
 
@@ -215,7 +222,9 @@ def train_peft(base, examples, model_arg: str | None, task: Task, budget: Budget
         def on_step_end(self, args, state, control, **kw):
             elapsed = time.perf_counter() - clock["start"]
             clock.update(elapsed=elapsed, steps=state.global_step)
-            if state.global_step % every == 0:
+            # PEFT steps are slower, so snapshot by time (at the fractions of softprompt's wall-clock), not steps
+            if snapshots and elapsed >= clock.setdefault("next", time_cap / snapshots):
+                clock["next"] += time_cap / snapshots
                 seen.append((state.global_step, elapsed, model.get_prompt_embedding_to_save("default").detach().clone()))
             if elapsed >= time_cap and state.global_step < budget.steps:
                 clock["stopped_by_time"] = True
@@ -262,7 +271,8 @@ def train_peft(base, examples, model_arg: str | None, task: Task, budget: Budget
 # ---- the run ------------------------------------------------------------------------------------
 
 
-def run_task(base, task: Task, data_dir: Path, out: Path, budget: Budget, model_arg, curve: bool) -> dict[str, Any]:
+def run_task(base, task: Task, data_dir: Path, out: Path, budget: Budget, model_arg, curve: bool,
+             methods: bool = False) -> dict[str, Any]:
     rng = random.Random(SEED)
     train_rows, eval_rows = task.load(data_dir, rng, budget)
     folder = out / task.name
@@ -282,18 +292,28 @@ def run_task(base, task: Task, data_dir: Path, out: Path, budget: Budget, model_
     pf = train_peft(base, examples, model_arg, task, budget, sp["wall_s"], folder / "peft", snaps)
     print(f"[{task.name}] PEFT: {pf['steps']} steps in {pf['wall_s']:.0f}s", file=sys.stderr, flush=True)
 
+    trained = {"softprompt": sp, "PEFT prompt tuning": pf}
+    if methods:
+        for name, flags in METHODS.items():
+            slug = name.split(" ")[0].lower()
+            trained[name] = train_softprompt(base, task, train_file, folder / slug, budget, 0, **flags)
+            print(f"[{task.name}] {name}: {trained[name]['steps']} steps in {trained[name]['wall_s']:.0f}s",
+                  file=sys.stderr, flush=True)
     systems = [System("untuned"), System("hand-written prompt", prefix=task.instruction.rstrip() + "\n"),
                System(f"{task.shots}-shot", prefix=kshot_prefix(template, train_rows, task.shots, SEED)),
-               System("softprompt", sp["prompt"]), System("PEFT prompt tuning", pf["prompt"])]
+               *[System(name, t["prompt"]) for name, t in trained.items()]]
     t0 = time.perf_counter()
     report = compare(base, template, eval_rows, systems, task=task.kind, source=task.name)
+    if methods and task.kind == "classification":  # the trained prompts together: one mixed batch per step
+        ours = [t["prompt"] for name, t in trained.items() if name != "PEFT prompt tuning"]
+        report["systems"] += _ensemble_rows(base, template, eval_rows, ours, task.name, 512, 16, False)
     eval_s = time.perf_counter() - t0
     for r in report["systems"]:
         r.pop("predictions", None)
     result = {"task": task.name, "kind": task.kind, "train_rows": len(train_rows), "eval_rows": len(eval_rows),
               "note": task.note, "eval_s": round(eval_s, 1), "systems": report["systems"],
               "training": {name: {k: v for k, v in t.items() if k not in ("prompt", "snapshots")}
-                           for name, t in (("softprompt", sp), ("peft", pf))}}
+                           for name, t in trained.items()}}
     if curve and task.kind == "classification":
         result["curve"] = _curve(base, template, eval_rows, {"softprompt": sp, "PEFT": pf}, report)
     return result
@@ -353,9 +373,10 @@ def markdown(results: dict[str, Any]) -> str:
                 value = f"{r['bleu']:.2f} / {100 * r['rougeL']:.1f}"
             else:
                 value = f"{r['perplexity']:.2f}"
-            train = {"softprompt": t["training"]["softprompt"], "PEFT prompt tuning": t["training"]["peft"]}.get(r["system"])
+            train = t["training"].get(r["system"])
             cells = (f"{train['wall_s']:.0f}", str(train["steps"]), str(train["examples"])) if train else ("-", "-", "-")
-            lines.append(f"| {t['task']} | {r['system']} | {metric} | {value} | {r['loss']:.3f} | " + " | ".join(cells) + " |")
+            loss = f"{r['loss']:.3f}" if r.get("loss") is not None else "-"
+            lines.append(f"| {t['task']} | {r['system']} | {metric} | {value} | {loss} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -369,6 +390,15 @@ def hardware() -> str:
     return f"{dev}, torch {torch.__version__} ({torch.get_num_threads()} threads), fp32"
 
 
+def _steps_arg(text: str) -> dict[str, int]:
+    try:
+        if "=" not in text:
+            return {"*": int(text)}
+        return {k.strip(): int(v) for k, v in (part.split("=", 1) for part in text.split(","))}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--steps takes N or task=N,task=N, got {text!r}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small budgets and evaluation subsets (< 10 min)")
@@ -378,7 +408,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-dir", default=os.environ.get("SOFTPROMPT_DATA", str(ROOT.parent / "shared" / "data")))
     p.add_argument("--output", default=str(ROOT / "runs" / "bench"))
     p.add_argument("--no-curve", action="store_true", help="skip the SST-2 accuracy-vs-time plot")
-    p.add_argument("--steps", type=int, help="override every selected task's number of training steps")
+    p.add_argument("--steps", type=_steps_arg, default={},
+                   help="override training steps: N for every selected task, or per task: sst2=200,rte=30")
+    p.add_argument("--methods", action="store_true",
+                   help=f"also train one prompt per method ({', '.join(METHODS)}) on {', '.join(METHOD_TASKS)}, "
+                        "and their ensemble")
     args = p.parse_args(argv)
     data_dir, out = Path(args.data_dir), Path(args.output)
     if not data_dir.is_dir():
@@ -398,10 +432,12 @@ def main(argv: list[str] | None = None) -> int:
         if task.name not in wanted:
             continue
         budget = task.smoke if args.smoke else task.quick if args.quick else task.full
-        if args.steps:
-            budget = Budget(args.steps, budget.batch_size, budget.eval_rows)
+        steps = args.steps.get(task.name, args.steps.get("*"))
+        if steps:
+            budget = Budget(steps, budget.batch_size, budget.eval_rows)
         results["tasks"].append(run_task(base, task, data_dir, out, budget, args.model,
-                                         curve=task.name == "sst2" and not args.no_curve))
+                                         curve=task.name == "sst2" and not args.no_curve,
+                                         methods=args.methods and task.name in METHOD_TASKS))
         results["total_s"] = time.perf_counter() - started
         (out / "quality.json").write_text(json.dumps(results, indent=1))  # partial results survive a crash
     results["total_s"] = time.perf_counter() - started

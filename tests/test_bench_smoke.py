@@ -81,10 +81,25 @@ def test_quality_benchmark_smoke(quality, tiny_model_dir, tmp_path, capsys):
     for t in results["tasks"]:
         names = [r["system"] for r in t["systems"]]
         assert names[0] == "untuned" and names[-2:] == ["softprompt", "PEFT prompt tuning"], names
-        assert t["training"]["peft"]["steps"] >= 1 and t["training"]["softprompt"]["steps"] == 3
+        assert t["training"]["PEFT prompt tuning"]["steps"] >= 1 and t["training"]["softprompt"]["steps"] == 3
         key = {"classification": "accuracy", "generation": "bleu", "lm": "perplexity"}[t["kind"]]
         assert all(key in r for r in t["systems"])
     sst2 = results["tasks"][0]
     assert [p["step"] for p in sst2["curve"]["softprompt"]][0] == 0 and (out / "sst2-curve.png").exists()
     table = (out / "quality.md").read_text()
     assert "| sst2 | softprompt |" in table and "| e2e | PEFT prompt tuning |" in table
+
+
+def test_quality_benchmark_method_rows_smoke(quality, tiny_model_dir, tmp_path):
+    data = make_data(tmp_path / "data")
+    out = tmp_path / "bench"
+    argv = ["--smoke", "--methods", "--tasks", "sst2,rte", "--no-curve", "--model", str(tiny_model_dir),
+            "--data-dir", str(data), "--output", str(out)]
+    assert quality.main(argv) == 0
+    results = json.loads((out / "quality.json").read_text())
+    for t in results["tasks"]:
+        names = [r["system"] for r in t["systems"]]
+        assert names[3:] == ["softprompt", "PEFT prompt tuning", *quality.METHODS, "ensemble (mean)", "ensemble (vote)"]
+        assert all(t["training"][m]["steps"] == 3 for m in quality.METHODS)
+        assert t["training"]["deep prompt (P-tuning v2)"]["config"]["deep"] is True
+    assert "| rte | deep prompt (P-tuning v2) |" in (out / "quality.md").read_text()

@@ -22,6 +22,12 @@ def test_read_all_formats(tmp_path):
         assert read_rows(tmp_path / f"d.{ext}") == [{"sentence": "good film", "label": "1"}, {"sentence": "bad, sad film", "label": "0"}]
 
 
+def test_csv_with_a_space_before_a_quoted_cell(tmp_path):
+    """`"a", "b, c"` (a space after the comma, as in awesome-chatgpt-prompts' prompts.csv) is two cells."""
+    (tmp_path / "p.csv").write_text('"act","prompt"\n"Planner", "I want you to act as a planner, with commas, here"\n')
+    assert read_rows(tmp_path / "p.csv") == [{"act": "Planner", "prompt": "I want you to act as a planner, with commas, here"}]
+
+
 def test_malformed_jsonl_names_file_and_line(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"input": "a", "output": "b"}\n\n{"input": "a", oops}\n')

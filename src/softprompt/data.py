@@ -43,8 +43,11 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
             raise SoftPromptError(f"{path}: a .json data file must hold a list of objects")
     elif suffix in (".csv", ".tsv"):
         with path.open(newline="", encoding="utf-8") as f:
+            # skipinitialspace: hand-edited CSVs write `"a", "b, c"`; without it the space before the quote makes
+            # the second cell unquoted and its commas split it (awesome-chatgpt-prompts has such a row).
             reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",",
-                                    quoting=csv.QUOTE_NONE if suffix == ".tsv" else csv.QUOTE_MINIMAL)
+                                    quoting=csv.QUOTE_NONE if suffix == ".tsv" else csv.QUOTE_MINIMAL,
+                                    skipinitialspace=suffix == ".csv")
             if not reader.fieldnames:
                 raise SoftPromptError(f"{path}: no header row")
             rows = []

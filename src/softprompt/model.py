@@ -5,6 +5,10 @@ Everything else (training, evaluation, generation, serving) goes through `prepen
 
     row layout after injection:  [pad ... pad | virtual tokens | input tokens]
     position ids count real tokens only, so a row's result does not depend on its batch's padding.
+
+A prompt is one tensor: [P, d] input embeddings (prompt tuning), or [P, 2*layers, kv_dim] keys and values
+for every layer (a deep prompt: Prefix-Tuning / P-tuning v2), which reach the model as a KV-cache prefix
+ahead of the virtual tokens: [pad | deep prefix] + [pad | virtual | tokens].
 """
 
 from __future__ import annotations
@@ -154,6 +158,9 @@ class Prompted:
     attention_mask: torch.Tensor  # [B, L] 0/1
     position_ids: torch.Tensor  # [B, L]
     labels: torch.Tensor | None = None  # [B, L], -100 where no loss
+    # Deep prompts: per-layer keys/values ahead of the row, [B, K, 2*layers, kv_dim]; attention_mask then
+    # covers K + L columns (the prefix's first), as HF expects with a cache.
+    prefix: torch.Tensor | None = None
     # One prompt for every row: the pieces before injection, so `sequence_nll` can run the virtual tokens once
     # for the whole batch instead of once per row (their states do not depend on the row). None otherwise.
     shared: SharedPrefix | None = field(default=None, repr=False)
@@ -232,7 +239,13 @@ class BaseModel:
     def check_compatible(self, prompt: SoftPrompt, *, source: str = "prompt", strict: bool = True) -> None:
         """Refuse a prompt trained for another model: a clear message instead of silent garbage."""
         theirs = prompt.meta.get("base") or {}
-        if prompt.dim != self.hidden_size:
+        if prompt.is_deep:
+            if self.is_encoder_decoder or tuple(prompt.embeddings.shape[1:]) != self.kv_shape:
+                raise SoftPromptError(
+                    f"{source}: deep prompt of shape {tuple(prompt.embeddings.shape)} does not fit model "
+                    f"{self.source!r} (its layers take [n, {', '.join(map(str, self.kv_shape))}]); it was trained "
+                    f"for {theirs.get('source', 'another model')!r}")
+        elif prompt.dim != self.hidden_size:
             raise SoftPromptError(
                 f"{source}: prompt width {prompt.dim} does not match model {self.source!r} hidden size "
                 f"{self.hidden_size}; it was trained for {theirs.get('source', 'another model')!r}"
@@ -255,6 +268,10 @@ class BaseModel:
         for module in self.model.modules():
             if getattr(module, "gradient_checkpointing", False):
                 module.training = True
+                if hasattr(type(module), "_can_checkpoint_with_cache"):
+                    # HF drops a cache under checkpointing because a replay would update it twice; the deep
+                    # prompts' prefix cache never stores (see `prefix_cache`), so it may stay.
+                    module._can_checkpoint_with_cache = True
 
     # ---- the one place prompts meet the model -------------------------------------------------
 
@@ -267,10 +284,15 @@ class BaseModel:
     ) -> Prompted:
         """Prepend each row's soft prompt to its input embeddings (before BOS and any chat template).
 
-        `prompts` is one tensor [P, d] for every row, or a per-row list (a different prompt, or None, per
-        row: the mixed batch the server uses). Rows are then left-aligned so padding sits first.
+        `prompts` is one tensor for every row, or a per-row list (a different prompt, or None, per row: the
+        mixed batch the server uses). Rows are then left-aligned so padding sits first. A deep prompt
+        ([P, 2*layers, kv_dim]) becomes `Prompted.prefix`, which `forward` / `sequence_nll` feed as a cache.
         """
         input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
+        prompts, deep = split_prompts(prompts)
+        if deep is not None and self.is_encoder_decoder:
+            raise SoftPromptError("deep prompts (key/value prefixes) are for decoder-only models; "
+                                  "text-to-text models take input-embedding prompts")
         decoder_labels = None
         if self.is_encoder_decoder:
             # Text-to-text: the prompt goes before the ENCODER input; the answer (the labelled tokens of a row
@@ -284,7 +306,7 @@ class BaseModel:
         raw_labels = labels
         batch = input_ids.shape[0]
         token_embeds = self.model.get_input_embeddings()(input_ids)  # [B, T, d]
-        virtual, virtual_mask = stack_prompts(prompts, batch, self.hidden_size, self.device)  # [B, P, d], [B, P]
+        virtual, virtual_mask = stack_prompts(prompts, batch, (self.hidden_size,), self.device)  # [B, P, d], [B, P]
         embeds = torch.cat([virtual.to(token_embeds.dtype), token_embeds], dim=1)
         mask = torch.cat([virtual_mask, attention_mask.long()], dim=1)
         if labels is not None:
@@ -299,17 +321,24 @@ class BaseModel:
             # A token is scored only if a real position precedes it (never predicted from padding).
             real_before = torch.cat([torch.zeros_like(mask[:, :1]), mask[:, :-1]], dim=1)
             labels = labels.masked_fill(real_before == 0, -100)
-        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        prefix = None
+        if deep is not None:
+            prefix, prefix_mask = stack_prompts(deep, batch, self.kv_shape, self.device)  # [B, K, 2l, kv], [B, K]
+            prefix, mask = prefix.to(token_embeds.dtype), torch.cat([prefix_mask, mask], dim=1)
+        positions = (mask.cumsum(1) - 1).clamp(min=0)[:, mask.shape[1] - embeds.shape[1]:]  # the prefix counts
         if self.is_encoder_decoder:
             return Prompted(embeds, mask, positions, decoder_labels)
         shared = None
-        if isinstance(prompts, torch.Tensor) and prompts.shape[0] > 0:
+        if isinstance(prompts, torch.Tensor) and prompts.dim() == 2 and prompts.shape[0] > 0:
             shared = SharedPrefix(virtual[0].to(token_embeds.dtype), token_embeds, attention_mask,
                                   None if raw_labels is None else raw_labels.to(self.device))
-        return Prompted(embeds, mask, positions, labels, shared)
+        return Prompted(embeds, mask, positions, labels, prefix=prefix, shared=shared)
 
     def forward(self, batch: Prompted, **kwargs):
-        """Plain HF forward on injected inputs (full logits); used by generation and parity tests."""
+        """Plain HF forward on injected inputs (full logits); used by generation and parity tests. With
+        `use_cache=True` the returned cache holds the deep prefix (if any) and the row, ready to decode."""
+        if batch.prefix is not None:
+            kwargs[self._cache_kw(self.model)] = self.prefix_cache(batch.prefix, storing=bool(kwargs.get("use_cache")))
         if self.is_encoder_decoder:  # relative position bias: no position ids; labels drive the decoder
             return self.model(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
                               labels=batch.labels, **kwargs)
@@ -343,11 +372,13 @@ class BaseModel:
             # The last position predicts nothing (its target would lie past the row) and, the attention being
             # causal, no other position depends on it: the backbone runs on the first L-1 only.
             width = max(batch.inputs_embeds.shape[1] - 1, 1)
+            extra = {} if batch.prefix is None else {self._cache_kw(backbone): self.prefix_cache(batch.prefix)}
             hidden_or_logits = backbone(
                 inputs_embeds=batch.inputs_embeds[:, :width],
-                attention_mask=batch.attention_mask[:, :width],
+                attention_mask=batch.attention_mask[:, :batch.attention_mask.shape[1] - batch.inputs_embeds.shape[1] + width],
                 position_ids=batch.position_ids[:, :width],
                 use_cache=False,
+                **extra,
             ).last_hidden_state  # [B, L-1, d]
             labels = batch.labels
         targets = labels[:, 1:]  # position t predicts token t+1
@@ -363,6 +394,75 @@ class BaseModel:
         per_row = torch.zeros(targets.shape[0], device=nll.device, dtype=nll.dtype).index_add(0, rows, nll)
         return per_row, selected.sum(1)
 
+
+    # ---- deep prompts: key/value prefixes at every layer ---------------------------------------
+
+    @cached_property
+    def kv_layout(self) -> tuple[int, int, int]:
+        """(layers, kv_heads, head_dim) of the attention cache, read from one real forward (never guessed from
+        the config: GQA, per-model head dims). Models whose layers do not all keep a plain full-attention
+        cache (sliding windows, linear attention) cannot take deep prompts."""
+        from transformers.cache_utils import DynamicLayer
+
+        if self.is_encoder_decoder:
+            raise SoftPromptError("deep prompts are for decoder-only models")
+        with torch.no_grad():
+            out = self.model.base_model(inputs_embeds=self.embedding_matrix()[:1][None], use_cache=True)
+        cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+        layers = getattr(cache, "layers", None)
+        if not layers or any(type(layer) is not DynamicLayer for layer in layers):
+            raise SoftPromptError(f"model {self.source!r} has attention layers without a plain key/value cache "
+                                  "(sliding window or linear attention): deep prompts are not supported for it")
+        shapes = {tuple(layer.keys.shape[1:]) + tuple(layer.values.shape[1:]) for layer in layers}
+        if len(shapes) != 1 or layers[0].keys.shape != layers[0].values.shape:
+            raise SoftPromptError(f"model {self.source!r} has layers with different key/value shapes: deep prompts "
+                                  "are not supported for it")
+        _, heads, _, head_dim = layers[0].keys.shape
+        return len(layers), heads, head_dim
+
+    @property
+    def kv_shape(self) -> tuple[int, int]:
+        """The trailing shape of a deep prompt: (2 * layers, kv_heads * head_dim), PEFT's prefix layout."""
+        layers, heads, head_dim = self.kv_layout
+        return 2 * layers, heads * head_dim
+
+    def prompt_kv(self, prompt: torch.Tensor) -> torch.Tensor:
+        """The keys/values [P, 2*layers, kv_dim] that an input-embedding prompt [P, d] leaves in the cache
+        (positions 0..P-1). A deep prompt initialised with them computes exactly what the prompt does."""
+        layers, heads, head_dim = self.kv_layout
+        n = prompt.shape[0]
+        out = self.model.base_model(inputs_embeds=prompt.to(self.device, self.dtype)[None], use_cache=True,
+                                    position_ids=torch.arange(n, device=self.device)[None])
+        cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+        per_layer = [torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers]  # [2, H, P, D] each
+        kv = torch.stack(per_layer)  # [layers, 2, H, P, D]
+        return kv.permute(3, 0, 1, 2, 4).reshape(n, 2 * layers, heads * head_dim)
+
+    def prefix_layers(self, prefix: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """[B, K, 2*layers, kv_dim] -> per layer (keys, values), each [B, kv_heads, K, head_dim]."""
+        layers, heads, head_dim = self.kv_layout
+        b, k = prefix.shape[:2]
+        kv = prefix.reshape(b, k, layers, 2, heads, head_dim).permute(2, 3, 0, 4, 1, 5)  # [layers, 2, B, H, K, D]
+        return [(kv[i, 0], kv[i, 1]) for i in range(layers)]
+
+    def prefix_cache(self, prefix: torch.Tensor, *, storing: bool = False):
+        """A cache holding the deep prefix. storing=False (training, scoring): layers hand back prefix + new
+        states without keeping them, so activation checkpointing can replay a layer and see the same past."""
+        from transformers.cache_utils import DynamicCache
+
+        layers = self.prefix_layers(prefix)
+        cache = DynamicCache()
+        if storing:
+            for i, (k, v) in enumerate(layers):
+                cache.update(k, v, i)
+            return cache
+        checkpointed = [m for m in self.model.modules() if getattr(m, "gradient_checkpointing", False)]
+        if checkpointed and not any(getattr(m, "_can_checkpoint_with_cache", False) for m in checkpointed):
+            raise SoftPromptError("deep prompts with activation checkpointing need a transformers version whose "
+                                  "layers can keep a cache when checkpointed (5.2x); upgrade, or train without it")
+        cache.layers = [_PrefixLayer(k, v, k.shape[0]) for k, v in layers]
+        cache.layer_class_to_replicate = None
+        return cache
 
     # ---- shared prefix: the virtual tokens run once per batch ------------------------------------
 
@@ -508,30 +608,49 @@ def _left_align(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return values.gather(1, order).masked_fill(~keep.gather(1, order), -100)
 
 
+def split_prompts(prompts):
+    """Separate input-embedding prompts ([P, d]) from deep ones ([P, 2*layers, kv_dim]): (shallow, deep), each
+    None, one tensor for all rows, or a per-row list with None where a row has no prompt of that kind."""
+    if prompts is None:
+        return None, None
+    if isinstance(prompts, torch.Tensor):
+        return (prompts, None) if prompts.dim() == 2 else (None, prompts)
+    tensors = [p.embeddings if hasattr(p, "embeddings") else p for p in prompts]
+    shallow = [t if t is not None and t.dim() == 2 else None for t in tensors]
+    deep = [t if t is not None and t.dim() != 2 else None for t in tensors]
+    has = lambda rows: any(t is not None for t in rows)  # noqa: E731
+    return (shallow if has(shallow) else None), (deep if has(deep) else None)
+
+
 def stack_prompts(
     prompts: torch.Tensor | Sequence[torch.Tensor | SoftPrompt | None] | None,
     batch: int,
-    dim: int,
+    shape: tuple[int, ...],
     device: torch.device,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row prompts -> ([B, P, d] embeddings, [B, P] mask), shorter prompts left-padded with zeros."""
+    """Per-row prompts [P, *shape] -> ([B, P, *shape], [B, P] mask), shorter prompts left-padded with zeros."""
     if prompts is None:
-        return torch.zeros(batch, 0, dim, device=device), torch.zeros(batch, 0, dtype=torch.long, device=device)
+        return torch.zeros(batch, 0, *shape, device=device), torch.zeros(batch, 0, dtype=torch.long, device=device)
     if isinstance(prompts, torch.Tensor):
-        if prompts.dim() != 2 or prompts.shape[1] != dim:
-            raise SoftPromptError(f"prompt shape {tuple(prompts.shape)} does not fit hidden size {dim}")
+        if tuple(prompts.shape[1:]) != tuple(shape):
+            raise SoftPromptError(f"prompt shape {tuple(prompts.shape)} does not fit this model (expects [n, "
+                                  f"{', '.join(map(str, shape))}])")
         p = prompts.to(device)
-        return p.unsqueeze(0).expand(batch, -1, -1), torch.ones(batch, p.shape[0], dtype=torch.long, device=device)
+        return p.unsqueeze(0).expand(batch, *p.shape), torch.ones(batch, p.shape[0], dtype=torch.long, device=device)
     if len(prompts) != batch:
         raise ValueError(f"{len(prompts)} prompts for {batch} rows")
     tensors = [p.embeddings if hasattr(p, "embeddings") else p for p in prompts]
+    for t in tensors:
+        if t is not None and tuple(t.shape[1:]) != tuple(shape):
+            raise SoftPromptError(f"prompt shape {tuple(t.shape)} does not fit this model (expects [n, "
+                                  f"{', '.join(map(str, shape))}])")
     width = max((t.shape[0] for t in tensors if t is not None), default=0)
     ref = next((t for t in tensors if t is not None), None)
     dtype = ref.dtype if ref is not None else torch.float32
     rows, masks = [], []
     for t in tensors:
         n = 0 if t is None else t.shape[0]
-        pad = torch.zeros(width - n, dim, device=device, dtype=dtype)
+        pad = torch.zeros(width - n, *shape, device=device, dtype=dtype)
         rows.append(pad if t is None else torch.cat([pad, t.to(device, dtype)]))
         masks.append(torch.cat([torch.zeros(width - n, dtype=torch.long), torch.ones(n, dtype=torch.long)]))
     return torch.stack(rows), torch.stack(masks).to(device)

@@ -1,7 +1,10 @@
 """To and from PEFT's prompt-tuning adapter format: adapter_config.json + adapter_model.safetensors.
 
-The formats are the same data (one [n, d] tensor named `prompt_embeddings`), so conversion is a copy; PEFT
-is not needed to export or import, only to load the result with `PeftModel.from_pretrained`.
+The formats are the same data (one tensor named `prompt_embeddings`), so conversion is a copy; PEFT is not
+needed to export or import, only to load the result with `PeftModel.from_pretrained`. Input-embedding prompts
+are PROMPT_TUNING adapters ([n, d]); deep prompts are PREFIX_TUNING adapters without projection, whose tensor
+is ours flattened: [n, 2 * layers * kv_dim], each layer's key then value, kv_dim = kv_heads * head_dim (PEFT's
+grouped-query layout).
 """
 
 from __future__ import annotations
@@ -41,13 +44,25 @@ def export_peft(prompt: SoftPrompt | str | os.PathLike, output: str | os.PathLik
         "prompt_tuning_init_text": None,
         "tokenizer_name_or_path": None,
         "tokenizer_kwargs": None,
+    }
+    if prompt.is_deep:  # [n, 2l, kv]: PEFT derives head_dim = token_dim / num_attention_heads (= the KV heads)
+        heads = (prompt.meta.get("kv_layout") or {}).get("kv_heads") or num_attention_heads
+        if not heads:
+            raise SoftPromptError("exporting a deep prompt needs the model's number of key/value heads "
+                                  "(num_attention_heads); it is in prompts trained by this version")
+        config = {**config, "peft_type": "PREFIX_TUNING", "num_layers": prompt.embeddings.shape[1] // 2,
+                  "num_attention_heads": heads, "encoder_hidden_size": prompt.dim, "prefix_projection": False}
+        for key in ("prompt_tuning_init", "prompt_tuning_init_text", "tokenizer_name_or_path", "tokenizer_kwargs"):
+            config.pop(key)
+    config.update({
         "base_model_name_or_path": base_model or base.get("source"),
         "revision": None,
         "inference_mode": True,
         "auto_mapping": None,
         "modules_to_save": None,
-    }
-    tensor = {TENSOR_KEY: prompt.embeddings.detach().float().cpu().contiguous()}
+    })
+    flat = prompt.embeddings.detach().float().cpu().reshape(prompt.n_virtual_tokens, -1)
+    tensor = {TENSOR_KEY: flat.contiguous()}
     atomic_write(out / PEFT_WEIGHTS, lambda tmp: save_file(tensor, str(tmp), metadata={"format": "pt"}))
     atomic_write(out / PEFT_CONFIG, lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n"))
     return out
@@ -61,8 +76,9 @@ def read_peft_prompt(directory: str | os.PathLike) -> SoftPrompt:
     except (OSError, json.JSONDecodeError) as e:
         raise SoftPromptError(f"{directory / PEFT_CONFIG}: cannot read ({e})") from None
     kind = config.get("peft_type")
-    if kind != "PROMPT_TUNING":
-        raise SoftPromptError(f"{directory}: PEFT adapter of type {kind!r}; only PROMPT_TUNING adapters are soft prompts")
+    if kind not in ("PROMPT_TUNING", "PREFIX_TUNING"):
+        raise SoftPromptError(f"{directory}: PEFT adapter of type {kind!r}; only PROMPT_TUNING and PREFIX_TUNING "
+                              "adapters are soft prompts")
     if config.get("num_transformer_submodules", 1) != 1:
         raise SoftPromptError(f"{directory}: adapters with num_transformer_submodules != 1 are not supported")
     weights = directory / PEFT_WEIGHTS
@@ -74,6 +90,14 @@ def read_peft_prompt(directory: str | os.PathLike) -> SoftPrompt:
         raise SoftPromptError(f"{directory}: config says {n} virtual tokens, tensor has {emb.shape[0]}")
     meta = {"base": {"source": config.get("base_model_name_or_path"), "hidden_size": config.get("token_dim")},
             "init": {"strategy": "peft-import"}, "imported_from": str(directory)}
+    if kind == "PREFIX_TUNING":  # saved without projection: [n, layers * 2 * token_dim] (PEFT stores the output)
+        layers, width = config.get("num_layers"), config.get("token_dim")
+        if not layers or not width or emb.dim() != 2 or emb.shape[1] != 2 * layers * width:
+            raise SoftPromptError(f"{directory}: prefix tensor {tuple(emb.shape)} does not match num_layers {layers} "
+                                  f"x 2 x token_dim {width}")
+        emb = emb.reshape(emb.shape[0], 2 * layers, width)
+        meta["base"] = {"source": config.get("base_model_name_or_path")}
+        meta["kv_layout"] = {"kv_heads": config.get("num_attention_heads")}
     return SoftPrompt(emb, meta)
 
 

@@ -315,6 +315,9 @@ def inspect(
 
     prompt = prompt_path if isinstance(prompt_path, SoftPrompt) else SoftPrompt.load(prompt_path)
     label = str(prompt_path) if not isinstance(prompt_path, SoftPrompt) else str(prompt.meta.get("name") or "prompt")
+    if prompt.is_deep:
+        raise SoftPromptError(f"{label} is a deep prompt (keys/values at every layer): it has no input embeddings "
+                              "to hold against the vocabulary; inspect reads input-embedding prompts")
     if base is None:
         wanted = model if model is not None else (prompt.meta.get("base") or {}).get("source")
         base = load_model(wanted, dtype=dtype, device=device)

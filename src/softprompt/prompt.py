@@ -1,4 +1,5 @@
-"""SoftPrompt: the trainable [n_virtual, d_model] tensor, its initialisations, and its on-disk form.
+"""SoftPrompt: the trainable [n_virtual, d_model] tensor (or, for a deep prompt, [n_virtual, 2 * layers, kv_dim]
+keys/values for every layer), its initialisations, and its on-disk form.
 
 The artifact is plain data, as in PEFT's prompt tuning: `prompt.safetensors` (one fp32 tensor) and
 `softprompt.json` (which base model it belongs to, the template, how it was made, final metrics).
@@ -32,13 +33,16 @@ FREQUENT_TOKENS = 5000
 
 
 class SoftPrompt(nn.Module):
-    """`n_virtual_tokens` trainable vectors, kept in fp32 whatever the base model's dtype."""
+    """`n_virtual_tokens` trainable vectors, kept in fp32 whatever the base model's dtype: input embeddings
+    [n, d], or for a deep prompt (Prefix-Tuning / P-tuning v2) each virtual token's key and value at every
+    layer, [n, 2 * layers, kv_heads * head_dim] (PEFT's PREFIX_TUNING layout, unflattened)."""
 
     def __init__(self, embeddings: torch.Tensor, meta: dict[str, Any] | None = None):
         super().__init__()
-        if embeddings.dim() != 2:
-            raise SoftPromptError(f"a soft prompt is a 2-D tensor [n_virtual, d_model], got shape {tuple(embeddings.shape)}")
-        self.embeddings = nn.Parameter(embeddings.detach().float().clone())  # [n, d]
+        if embeddings.dim() not in (2, 3):
+            raise SoftPromptError("a soft prompt is a tensor [n_virtual, d_model] (or [n_virtual, 2*layers, kv_dim] "
+                                  f"for a deep prompt), got shape {tuple(embeddings.shape)}")
+        self.embeddings = nn.Parameter(embeddings.detach().float().clone())  # [n, d] or [n, 2l, kv]
         self.meta: dict[str, Any] = dict(meta or {})
 
     @property
@@ -46,8 +50,12 @@ class SoftPrompt(nn.Module):
         return self.embeddings.shape[0]
 
     @property
+    def is_deep(self) -> bool:
+        return self.embeddings.dim() == 3
+
+    @property
     def dim(self) -> int:
-        return self.embeddings.shape[1]
+        return self.embeddings.shape[-1]
 
     def forward(self) -> torch.Tensor:
         return self.embeddings
@@ -65,9 +73,14 @@ class SoftPrompt(nn.Module):
         labels: list[str] | None = None,
         init_prompt: str | os.PathLike | SoftPrompt | None = None,
         seed: int = 0,
+        deep: bool = False,
     ) -> SoftPrompt:
         """Make a new prompt for `base`. `init` is one of random | vocab | text | labels | prompt (transfer:
-        start from `init_prompt`, ours or PEFT's, repeated/truncated to n tokens)."""
+        start from `init_prompt`, ours or PEFT's, repeated/truncated to n tokens).
+
+        `deep=True` makes a deep prompt holding the keys/values the same input-embedding prompt leaves at every
+        layer, so it starts out computing exactly what that prompt computes (Li & Liang initialise prefixes
+        from real words' activations for the same reason: random prefixes train badly)."""
         if n_virtual_tokens < 1:
             raise SoftPromptError(f"virtual_tokens must be >= 1, got {n_virtual_tokens}")
         table = base.embedding_matrix().detach().float()  # [V, d]
@@ -98,16 +111,24 @@ class SoftPrompt(nn.Module):
             if init_prompt is None:
                 raise SoftPromptError("init 'prompt' needs init_prompt (a prompt artifact or PEFT adapter to start from)")
             source = init_prompt if isinstance(init_prompt, SoftPrompt) else SoftPrompt.load(init_prompt, base, strict=False)
-            if source.dim != d:
+            if source.is_deep and not deep:
+                raise SoftPromptError("init_prompt is a deep prompt: it can only start another deep prompt (--deep)")
+            if not source.is_deep and source.dim != d:
                 raise SoftPromptError(f"init_prompt has width {source.dim}, the model {d}")
             rows = source.embeddings.detach().float().cpu()
-            emb = rows.repeat(n // len(rows) + 1, 1)[:n]
+            emb = rows.repeat(n // len(rows) + 1, *[1] * (rows.dim() - 1))[:n]
         else:
             raise SoftPromptError(f"unknown init {init!r}; choose one of {', '.join(INIT_STRATEGIES)}")
+        if deep and emb.dim() == 2:
+            with torch.no_grad():
+                emb = base.prompt_kv(emb).float().cpu()  # [n, 2 * layers, kv_dim]
         meta = {"init": {"strategy": init, "text": init_text, "labels": labels, "seed": seed}}
         if init == "prompt":
             meta["init"]["prompt"] = str(init_prompt) if not isinstance(init_prompt, SoftPrompt) else init_prompt.meta.get("name")
         meta["base"] = base.fingerprint()
+        if emb.dim() == 3:
+            layers, heads, head_dim = base.kv_layout
+            meta["kv_layout"] = {"layers": layers, "kv_heads": heads, "head_dim": head_dim}  # for PEFT export
         return cls(emb, meta)
 
     # ---- persistence ---------------------------------------------------------------------------

@@ -1,9 +1,10 @@
 """Reparameterised prompts: during training the prompt is produced by a small network, which trains faster and
 more stably than free vectors (P-tuning, Liu et al. 2021; Residual Prompt Tuning, Razdaibiedina et al. 2023).
 
-Like every prompt source, a `ReparamPrompt` is an nn.Module whose forward() returns the [n, d] prompt and whose
+Like every prompt source, a `ReparamPrompt` is an nn.Module whose forward() returns the prompt tensor and whose
 parameters() are what the optimizer trains. After training only forward()'s output is kept: the artifact is
-plain embeddings, so inference, export and serving need nothing new.
+plain embeddings, so inference, export and serving need nothing new. For a deep prompt the encoder works on each
+virtual token's flattened keys/values (with `mlp`, Prefix-Tuning's reparameterisation).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ class ReparamPrompt(nn.Module):
         super().__init__()
         if kind not in KINDS:
             raise SoftPromptError(f"unknown reparam {kind!r}; choose {', '.join(KINDS)}")
+        self.shape = tuple(init.shape)  # [n, d], or [n, 2l, kv] for a deep prompt
+        init = init.reshape(init.shape[0], -1)
         n, d = init.shape
         hidden = hidden or d
         self.kind = kind
@@ -40,7 +43,9 @@ class ReparamPrompt(nn.Module):
     def forward(self) -> torch.Tensor:
         x = self.embeddings
         if self.kind == "lstm":
-            return self.head(self.lstm(x[None])[0][0])
-        if self.kind == "residual":
-            return x + self.head(x)
-        return self.head(x)
+            out = self.head(self.lstm(x[None])[0][0])
+        elif self.kind == "residual":
+            out = x + self.head(x)
+        else:
+            out = self.head(x)
+        return out.reshape(self.shape)

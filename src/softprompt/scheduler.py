@@ -292,11 +292,15 @@ class Scheduler:
         return out.logits[:, -1], cache_of(out)
 
     def prefix_kv(self, entry: PromptEntry) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The prompt's virtual-token key/values (positions 0..n-1), computed once per entry."""
+        """The prompt's virtual-token key/values (positions 0..n-1), computed once per entry. A deep prompt IS
+        its key/values: they are only laid out per layer."""
         if entry.kv is not None:
             self.stats["prefix_cache_hits"] += 1
             return entry.kv
         self.stats["prefix_cache_misses"] += 1
+        if entry.embeddings.dim() == 3:  # [P, 2 * layers, kv_dim]
+            entry.kv = [(k.contiguous(), v.contiguous()) for k, v in self.base.prefix_layers(entry.embeddings[None])]
+            return entry.kv
         with torch.inference_mode():
             emb = entry.embeddings.to(self.base.device, self.base.dtype)[None]  # [1, P, d]
             n = emb.shape[1]

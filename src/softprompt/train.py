@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -32,7 +32,8 @@ CHECKPOINT = "checkpoint.safetensors"
 LOG = "metrics.jsonl"
 PLOT = "loss.png"
 # Changing these between a run and its resume would silently change the training: refuse instead.
-RESUME_KEYS = ("data", "batch_size", "grad_accum", "seed", "virtual_tokens", "init", "reparam", "lr", "schedule", "warmup",
+PROMPT_LR, DEEP_LR = 0.1, 0.01  # default peak learning rates
+RESUME_KEYS = ("data", "batch_size", "grad_accum", "seed", "virtual_tokens", "init", "deep", "reparam", "lr", "schedule", "warmup",
                "input_template", "output_template", "label_map", "lm", "chat", "max_length", "steps", "epochs")
 
 
@@ -69,9 +70,12 @@ def train(config: TrainConfig | dict | None = None, /, *, base: BaseModel | None
     """Train a soft prompt on a frozen model and write its artifact to `output`.
 
     Accepts a TrainConfig, a dict, or its fields as keyword arguments: `train(data=..., output=...)`.
-    `base` reuses an already loaded model; `on_step(step, metrics)` is called after every step.
+    `base` reuses an already loaded model; `on_step(step, metrics)` is called after every step, the metrics
+    holding also "prompt": the current prompt tensor (detached; a snapshot needs a copy).
     """
     cfg = from_kwargs(TrainConfig, config, **kwargs)
+    if cfg.lr is None:  # measured on SST-2 (BENCHMARKS.md, Quality)
+        cfg = replace(cfg, lr=DEEP_LR if cfg.deep else PROMPT_LR)
     out = Path(cfg.output)
     ckpt_path = out / CHECKPOINT
     # Check every input before touching the output folder: a failed start never clobbers a run.
@@ -104,11 +108,11 @@ def train(config: TrainConfig | dict | None = None, /, *, base: BaseModel | None
     labels = valset.labels if valset else label_set(template, train_rows)
 
     init = SoftPrompt.initialise(base, cfg.virtual_tokens, cfg.init, init_text=cfg.init_text, labels=labels,
-                                 init_prompt=cfg.init_prompt, seed=cfg.seed)
-    # The trainable module: forward() -> [n, d] prompt; parameters() are all that trains.
+                                 init_prompt=cfg.init_prompt, seed=cfg.seed, deep=cfg.deep)
+    # The trainable module: forward() -> the prompt tensor; parameters() are all that trains.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)  # the reparameterisation encoder's init is part of the run's identity
-        prompt = (ReparamPrompt(init.embeddings, cfg.reparam, cfg.reparam_hidden, init.meta) if cfg.reparam else init)
+        prompt = (ReparamPrompt(init.embeddings, cfg.reparam, cfg.reparam_hidden or base.hidden_size, init.meta) if cfg.reparam else init)
     prompt = prompt.to(base.device)
     optimizer = torch.optim.AdamW(list(prompt.parameters()), lr=cfg.lr, weight_decay=cfg.weight_decay)
     lengths = [len(e.input_ids) for e in examples]
@@ -168,7 +172,8 @@ def train(config: TrainConfig | dict | None = None, /, *, base: BaseModel | None
                 bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{state['tokens'] / max(state['elapsed'], 1e-9):.0f}",
                                 **({"val": f"{record['val_accuracy']:.3f}"} if "val_accuracy" in record else {}))
                 if on_step:
-                    on_step(state["step"], record)
+                    with torch.no_grad():
+                        on_step(state["step"], {**record, "prompt": prompt().detach()})
                 if state["step"] % cfg.save_every == 0:
                     save_checkpoint()
             else:
