@@ -159,6 +159,7 @@ METHODS = {
     "residual prompt tuning": {"reparam": "residual", "lr": 0.01},
 }
 METHOD_TASKS = ("sst2", "rte")
+TRANSFER = {"rte": "sst2"}  # SPoT: the target's prompt starts from the source task's softprompt (same --output)
 
 
 def train_softprompt(base, task: Task, train_file: Path, out: Path, budget: Budget, snapshots: int,
@@ -204,11 +205,12 @@ def train_peft(base, examples, model_arg: str | None, task: Task, budget: Budget
 
     recipe = peft_recipe(task)
     folder, gguf = resolve_model(model_arg)
+    text = recipe["init"] == "TEXT"  # PEFT accepts tokenizer arguments only with TEXT init
     config = PromptTuningConfig(
         task_type=TaskType.CAUSAL_LM, num_virtual_tokens=recipe["virtual_tokens"],
-        prompt_tuning_init=PromptTuningInit.TEXT if recipe["init"] == "TEXT" else PromptTuningInit.RANDOM,
-        prompt_tuning_init_text=recipe["init_text"], tokenizer_name_or_path=folder,
-        tokenizer_kwargs={"gguf_file": gguf} if gguf else None)
+        prompt_tuning_init=PromptTuningInit.TEXT if text else PromptTuningInit.RANDOM,
+        prompt_tuning_init_text=recipe["init_text"], tokenizer_name_or_path=folder if text else None,
+        tokenizer_kwargs={"gguf_file": gguf} if gguf and text else None)
     torch.manual_seed(SEED)  # RANDOM init draws from torch's global generator
     model = get_peft_model(base.model, config)
     pad = base.tokenizer.pad_token_id
@@ -299,6 +301,12 @@ def run_task(base, task: Task, data_dir: Path, out: Path, budget: Budget, model_
             trained[name] = train_softprompt(base, task, train_file, folder / slug, budget, 0, **flags)
             print(f"[{task.name}] {name}: {trained[name]['steps']} steps in {trained[name]['wall_s']:.0f}s",
                   file=sys.stderr, flush=True)
+        source = out / TRANSFER.get(task.name, "-") / "softprompt"
+        if (source / "prompt.safetensors").exists():
+            name = f"transfer (SPoT) from {source.parent.name}"
+            trained[name] = train_softprompt(base, task, train_file, folder / "transfer", budget, 0, init="prompt",
+                                             init_prompt=str(source))
+            print(f"[{task.name}] {name}: {trained[name]['wall_s']:.0f}s", file=sys.stderr, flush=True)
     systems = [System("untuned"), System("hand-written prompt", prefix=task.instruction.rstrip() + "\n"),
                System(f"{task.shots}-shot", prefix=kshot_prefix(template, train_rows, task.shots, SEED)),
                *[System(name, t["prompt"]) for name, t in trained.items()]]
