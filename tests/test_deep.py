@@ -179,3 +179,14 @@ def test_cli_deep_train_eval_generate_export_import(tiny_model_dir, sentiment_fi
     assert main(["export", "--prompt", run, "--format", "peft", "--output", str(tmp_path / "peft")]) == 0
     assert main(["import", str(tmp_path / "peft"), "--output", str(tmp_path / "back")]) == 0
     assert torch.equal(SoftPrompt.load(tmp_path / "back").embeddings, SoftPrompt.load(run).embeddings)
+
+
+def test_malformed_peft_prefix_adapter_is_a_clear_error(tmp_path):
+    from safetensors.torch import save_file
+
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 2, "num_layers": 2, "token_dim": 16}))
+    save_file({"prompt_embeddings": torch.zeros(2, 50)}, str(tmp_path / "bad" / "adapter_model.safetensors"))
+    with pytest.raises(SoftPromptError, match="does not match num_layers 2"):
+        SoftPrompt.load(tmp_path / "bad")

@@ -15,7 +15,7 @@ import torch
 
 from .data import Encoder, Template
 from .errors import SoftPromptError
-from .model import BaseModel, load_model
+from .model import BaseModel, cache_of, load_model
 from .prompt import SoftPrompt
 
 PromptLike = SoftPrompt | torch.Tensor | None
@@ -128,11 +128,6 @@ def _generate_seq2seq(base, prompted, eos, max_new_tokens, temperature, top_p, s
         row = row[:cut]
         rows.append(row)
     return rows  # stop strings are cut from the decoded text by the callers (cut_at_stop)
-
-
-def cache_of(out):
-    cache = getattr(out, "cache", None)
-    return cache if cache is not None else out.past_key_values
 
 
 def as_list(x) -> list:

@@ -408,8 +408,7 @@ class BaseModel:
             raise SoftPromptError("deep prompts are for decoder-only models")
         with torch.no_grad():
             out = self.model.base_model(inputs_embeds=self.embedding_matrix()[:1][None], use_cache=True)
-        cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
-        layers = getattr(cache, "layers", None)
+        layers = getattr(cache_of(out), "layers", None)
         if not layers or any(type(layer) is not DynamicLayer for layer in layers):
             raise SoftPromptError(f"model {self.source!r} has attention layers without a plain key/value cache "
                                   "(sliding window or linear attention): deep prompts are not supported for it")
@@ -433,8 +432,7 @@ class BaseModel:
         n = prompt.shape[0]
         out = self.model.base_model(inputs_embeds=prompt.to(self.device, self.dtype)[None], use_cache=True,
                                     position_ids=torch.arange(n, device=self.device)[None])
-        cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
-        per_layer = [torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers]  # [2, H, P, D] each
+        per_layer = [torch.stack([layer.keys[0], layer.values[0]]) for layer in cache_of(out).layers]  # [2, H, P, D] each
         kv = torch.stack(per_layer)  # [layers, 2, H, P, D]
         return kv.permute(3, 0, 1, 2, 4).reshape(n, 2 * layers, heads * head_dim)
 
@@ -486,7 +484,7 @@ class BaseModel:
         cache_kw = self._cache_kw(backbone)
         pre = backbone(inputs_embeds=prompt[None], position_ids=torch.arange(n_virtual, device=self.device)[None],
                        use_cache=True)
-        layers = getattr(getattr(pre, "cache", None) or getattr(pre, "past_key_values", None), "layers", None)
+        layers = getattr(cache_of(pre), "layers", None)
         if not layers or any(type(layer) is not DynamicLayer or not layer.is_initialized for layer in layers):
             self._cache["prefix_ok"] = False  # e.g. sliding-window or linear-attention layers
             return None
@@ -599,6 +597,12 @@ def _PrefixLayer(keys: torch.Tensor, values: torch.Tensor, batch: int):
 
 
 _PREFIX_LAYER = None
+
+
+def cache_of(out):
+    """The cache a forward returned (`cache` since transformers 5.2x, `past_key_values` before)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else getattr(out, "past_key_values", None)
 
 
 def _left_align(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
