@@ -77,7 +77,7 @@ def test_quality_benchmark_smoke(quality, tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "bench"
     assert quality.main(["--smoke", "--model", str(tiny_model_dir), "--data-dir", str(data), "--output", str(out)]) == 0
     results = json.loads((out / "quality.json").read_text())
-    assert [t["task"] for t in results["tasks"]] == [t.name for t in quality.TASKS]
+    assert [t["task"] for t in results["tasks"]] == [t.name for t in quality.TASKS if t.in_all]
     for t in results["tasks"]:
         names = [r["system"] for r in t["systems"]]
         assert names[0] == "untuned" and names[-2:] == ["softprompt", "PEFT prompt tuning"], names
@@ -105,3 +105,24 @@ def test_quality_benchmark_method_rows_smoke(quality, tiny_model_dir, tmp_path):
         assert all(t["training"][m]["steps"] == 3 for m in quality.METHODS)
         assert t["training"]["deep prompt (P-tuning v2)"]["config"]["deep"] is True
     assert "| rte | deep prompt (P-tuning v2) |" in (out / "quality.md").read_text()
+
+
+def test_quality_benchmark_chat_recipe_smoke(quality, tiny_model_dir, tmp_path):
+    """`--tasks sst2-chat` (the 90 % recipe): chat template + system message for every system, deep prompt."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    model = tmp_path / "tiny-chat"
+    shutil.copytree(tiny_model_dir, model)
+    tok = AutoTokenizer.from_pretrained(model)
+    tok.chat_template = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
+                         "{% if add_generation_prompt %}<s>assistant:{% endif %}")
+    tok.save_pretrained(model)
+    data, out = make_data(tmp_path / "data"), tmp_path / "bench"
+    argv = ["--smoke", "--tasks", "sst2-chat", "--model", str(model), "--data-dir", str(data), "--output", str(out)]
+    assert quality.main(argv) == 0
+    [t] = json.loads((out / "quality.json").read_text())["tasks"]
+    assert t["task"] == "sst2-chat" and t["training"]["softprompt"]["config"]["deep"] is True
+    assert t["training"]["softprompt"]["config"]["lr"] == 0.03 and t["training"]["PEFT prompt tuning"]["steps"] >= 1
+    assert (out / "sst2-chat-curve.png").exists()

@@ -125,3 +125,27 @@ def test_chat_mode_wraps_the_input_in_the_chat_template(tiny_model_dir):
     assert rendered.startswith("<s>system: Be brief.</s><s>user: Review: the film was great</s><s>assistant:")
     # The answer follows the template directly (no leading space in chat mode) and ends with EOS.
     assert e.input_ids[e.n_input:] == tok("positive", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+
+
+def test_train_cli_passes_the_chat_system_message_to_the_template():
+    from softprompt.cli import build_parser
+    from softprompt.config import TrainConfig, config_from_args
+    from softprompt.train import template_from
+
+    args = build_parser().parse_args(["train", "--data", "d.jsonl", "--output", "o", "--chat", "--system", "Be brief."])
+    cfg = config_from_args(TrainConfig, args)
+    assert cfg.system == "Be brief." and template_from(cfg) == Template(input="{input}", chat=True, system="Be brief.")
+
+
+def test_command_line_templates_turn_backslash_n_into_a_newline():
+    """A shell passes "Review: {x}\nSentiment:" as backslash + n; the user means a newline (train and eval)."""
+    from softprompt.cli import build_parser
+    from softprompt.config import TrainConfig, config_from_args
+
+    typed = r"Review: {x}\nSentiment:\t[\\n]"  # the characters argparse receives
+    args = build_parser().parse_args(["train", "--data", "d.jsonl", "--output", "o", "--input-template", typed,
+                                      "--system", r"a\nb"])
+    cfg = config_from_args(TrainConfig, args)
+    assert cfg.input_template == "Review: {x}\nSentiment:\t[\\n]" and cfg.system == "a\nb"
+    ev = build_parser().parse_args(["eval", "--data", "d.jsonl", "--input-template", typed, "--instruction", r"Say\n"])
+    assert ev.input_template == cfg.input_template and ev.instruction == "Say\n"

@@ -94,6 +94,10 @@ def test_kshot_prefix_is_seeded_formatted_and_covers_labels():
     assert len(shots) == 4 and all(s.startswith("Review:") for s in shots)
     assert sum(s.endswith("positive") for s in shots) == 2 and sum(s.endswith("negative") for s in shots) == 2
     assert kshot_prefix(SENTIMENT, rows, 0) == ""
+    # Chat templates give answers without a leading space (the assistant turn separates them); inline, the
+    # shots keep one, so the shown examples read as the plain template's do.
+    chat = Template(input="{input}", output="{output}", chat=True)
+    assert kshot_prefix(chat, rows, 4, seed=0) == a
 
 
 def test_evaluate_with_all_baselines_in_one_table(tiny_base, trained_prompt, sentiment_files):

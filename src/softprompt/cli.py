@@ -8,7 +8,7 @@ import os
 import sys
 import warnings
 
-from .config import TrainConfig, add_dataclass_args, config_from_args
+from .config import TrainConfig, add_dataclass_args, cli_text, config_from_args
 from .errors import SoftPromptError
 
 
@@ -31,8 +31,8 @@ def _cmd_train(args) -> int:
 
 
 def _template_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--input-template", help="override the prompt's input template")
-    p.add_argument("--output-template", help="override the prompt's output template")
+    p.add_argument("--input-template", type=cli_text, help="override the prompt's input template")
+    p.add_argument("--output-template", type=cli_text, help="override the prompt's output template")
     p.add_argument("--label-map", help="e.g. 0=negative,1=positive")
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None, help="use the chat template")
 
@@ -166,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: lm for an empty input template, classification for a small label set, else generation")
     p.add_argument("--baselines", help="comma list of untuned, instruction, kshot; 'all' (those whose inputs are "
                    "available) or 'none' (default with --prompt: all)")
-    p.add_argument("--instruction", help="hand-written instruction placed before each input (default: the prompt's "
+    p.add_argument("--instruction", type=cli_text, help="hand-written instruction placed before each input (default: the prompt's "
                    "--init-text, if any)")
     p.add_argument("--shots", type=int, default=4, help="examples in the k-shot baseline (default: 4)")
     p.add_argument("--shots-from", help="rows for the k-shot baseline (default: the prompt's training data)")

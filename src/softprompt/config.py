@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import tomllib
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_args, get_type_hints
 
 from .errors import SoftPromptError
+
+
+def cli_text(text: str) -> str:
+    r"""Text typed on a command line: `\n`, `\t` and `\\` become a newline, a tab and a backslash, as a shell user
+    means them in "Review: {x}\nSentiment:" (config files hold real newlines and skip this)."""
+    return re.sub(r"\\([\\nt])", lambda m: {"\\": "\\", "n": "\n", "t": "\t"}[m.group(1)], text)
 
 
 def opt(default: Any, help: str, **kw) -> Any:
@@ -22,14 +29,15 @@ class TrainConfig:
     output: str = opt(None, "artifact directory to write (prompt.safetensors, softprompt.json, log, plot)", required=True)
     model: str | None = opt(None, "hub id, local folder or .gguf file (default: embedded SmolLM2-135M-Instruct)")
     validation: str | None = opt(None, "validation data, evaluated every --eval-every steps; the best prompt is kept")
-    input_template: str = opt("{input}", "how a row becomes the input text, e.g. 'Review: {sentence}\\nSentiment:'")
-    output_template: str | None = opt(None, "how a row becomes the answer (default ' {output}'; '{output}' with --chat)")
+    input_template: str = opt("{input}", "how a row becomes the input text, e.g. 'Review: {sentence}\\nSentiment:'", escapes=True)
+    output_template: str | None = opt(None, "how a row becomes the answer (default ' {output}'; '{output}' with --chat)", escapes=True)
     label_map: str | None = opt(None, "turn label values into words, e.g. 0=negative,1=positive")
     lm: bool = opt(False, "language modelling: no input, loss on the whole text (output template defaults to '{text}')")
     chat: bool = opt(False, "wrap inputs in the tokenizer's chat template (instruct models)")
+    system: str | None = opt(None, "with --chat: the system message (default: the chat template's own, if it has one)", escapes=True)
     virtual_tokens: int = opt(20, "number of trainable virtual tokens")
     init: str = opt("vocab", "initialisation: random | vocab | text | labels | prompt")
-    init_text: str | None = opt(None, "text for --init text (also the hand-written baseline in eval)")
+    init_text: str | None = opt(None, "text for --init text (also the hand-written baseline in eval)", escapes=True)
     init_prompt: str | None = opt(None, "for --init prompt: an existing prompt or PEFT adapter to start from (transfer, SPoT)")
     deep: bool = opt(False, "deep prompt (Prefix-Tuning / P-tuning v2): train keys/values at every layer, not input embeddings")
     reparam: str | None = opt(None, "train through an encoder: mlp | lstm (P-tuning) | residual (Residual Prompt Tuning); the artifact stays plain embeddings")
@@ -111,7 +119,8 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, positional: tuple[s
         else:
             args = [a for a in get_args(typ) if a is not type(None)]
             base = args[0] if args else typ  # `int | None` -> int
-            parser.add_argument(flag, type=base, default=None, help=help_text, metavar=f.name.upper())
+            kind = cli_text if f.metadata.get("escapes") else base
+            parser.add_argument(flag, type=kind, default=None, help=help_text, metavar=f.name.upper())
 
 
 def config_from_args(cls, args: argparse.Namespace) -> Any:

@@ -94,7 +94,11 @@ def kshot_prefix(template: Template, rows: list[dict[str, Any]], k: int, seed: i
         rng.shuffle(picked)
     else:
         picked = rng.sample(rows, min(k, len(rows)))
-    shots = [template.render_input(r, source) + template.render_output(r, source) for r in picked]
+    shots = []
+    for r in picked:
+        answer = template.render_output(r, source)
+        # In chat mode the answer has no leading space (the assistant turn separates it); inline it needs one.
+        shots.append(template.render_input(r, source) + (" " + answer.lstrip() if template.chat else answer))
     return "".join(s.strip("\n") + "\n\n" for s in shots)
 
 

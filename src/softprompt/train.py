@@ -34,7 +34,7 @@ PLOT = "loss.png"
 # Changing these between a run and its resume would silently change the training: refuse instead.
 PROMPT_LR, DEEP_LR = 0.1, 0.01  # default peak learning rates
 RESUME_KEYS = ("data", "batch_size", "grad_accum", "seed", "virtual_tokens", "init", "deep", "reparam", "lr", "schedule", "warmup",
-               "input_template", "output_template", "label_map", "lm", "chat", "max_length", "steps", "epochs")
+               "input_template", "output_template", "label_map", "lm", "chat", "system", "max_length", "steps", "epochs")
 
 
 @dataclass
@@ -47,7 +47,8 @@ class TrainResult:
 def template_from(cfg: TrainConfig) -> Template:
     if cfg.lm:
         return Template(input="", output=cfg.output_template or "{text}", label_map=cfg.label_map)
-    return Template(input=cfg.input_template, output=cfg.output_template, label_map=cfg.label_map, chat=cfg.chat)
+    return Template(input=cfg.input_template, output=cfg.output_template, label_map=cfg.label_map, chat=cfg.chat,
+                    system=cfg.system)
 
 
 def lr_at(step: int, cfg: TrainConfig, total: int) -> float:
