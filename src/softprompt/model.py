@@ -627,27 +627,25 @@ def split_prompts(prompts):
 
 
 def stack_prompts(
-    prompts: torch.Tensor | Sequence[torch.Tensor | SoftPrompt | None] | None,
+    prompts: torch.Tensor | Sequence[torch.Tensor | None] | None,
     batch: int,
     shape: tuple[int, ...],
     device: torch.device,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row prompts [P, *shape] -> ([B, P, *shape], [B, P] mask), shorter prompts left-padded with zeros."""
+    """Per-row prompts [P, *shape] (as `split_prompts` returns them) -> ([B, P, *shape], [B, P] mask), shorter
+    prompts left-padded with zeros."""
     if prompts is None:
         return torch.zeros(batch, 0, *shape, device=device), torch.zeros(batch, 0, dtype=torch.long, device=device)
-    if isinstance(prompts, torch.Tensor):
-        if tuple(prompts.shape[1:]) != tuple(shape):
-            raise SoftPromptError(f"prompt shape {tuple(prompts.shape)} does not fit this model (expects [n, "
-                                  f"{', '.join(map(str, shape))}])")
-        p = prompts.to(device)
-        return p.unsqueeze(0).expand(batch, *p.shape), torch.ones(batch, p.shape[0], dtype=torch.long, device=device)
-    if len(prompts) != batch:
-        raise ValueError(f"{len(prompts)} prompts for {batch} rows")
-    tensors = [p.embeddings if hasattr(p, "embeddings") else p for p in prompts]
+    tensors = [prompts] if isinstance(prompts, torch.Tensor) else list(prompts)
     for t in tensors:
         if t is not None and tuple(t.shape[1:]) != tuple(shape):
             raise SoftPromptError(f"prompt shape {tuple(t.shape)} does not fit this model (expects [n, "
                                   f"{', '.join(map(str, shape))}])")
+    if isinstance(prompts, torch.Tensor):
+        p = prompts.to(device)
+        return p.unsqueeze(0).expand(batch, *p.shape), torch.ones(batch, p.shape[0], dtype=torch.long, device=device)
+    if len(tensors) != batch:
+        raise ValueError(f"{len(tensors)} prompts for {batch} rows")
     width = max((t.shape[0] for t in tensors if t is not None), default=0)
     ref = next((t for t in tensors if t is not None), None)
     dtype = ref.dtype if ref is not None else torch.float32
