@@ -115,6 +115,9 @@ def test_existing_run_is_never_clobbered(tiny_base, sentiment_files, tmp_path):
         _train(tiny_base, sentiment_files, tmp_path / "run", steps=2, resume=True, lr=0.5)
     with pytest.raises(SoftPromptError, match="no checkpoint"):
         _train(tiny_base, sentiment_files, tmp_path / "fresh", resume=True)
+    with pytest.raises(SoftPromptError, match="system message needs --chat"):
+        _train(tiny_base, sentiment_files, tmp_path / "fresh", system="Be brief.")
+    assert not (tmp_path / "fresh").exists()
 
 
 def test_failed_start_creates_nothing(tiny_base, tmp_path):

@@ -87,6 +87,9 @@ def train(config: TrainConfig | dict | None = None, /, *, base: BaseModel | None
         raise SoftPromptError(f"{out} already holds a run; pass --resume to continue it or --overwrite to start over")
     if cfg.batch_size < 1 or cfg.grad_accum < 1 or cfg.batch_size % cfg.grad_accum:
         raise SoftPromptError("batch_size must be a positive multiple of grad_accum")
+    if cfg.system is not None and not (cfg.chat and not cfg.lm):
+        raise SoftPromptError("system: a system message needs --chat (it goes into the chat template); "
+                              "without --chat put the text in --input-template")
     template = template_from(cfg)
     train_rows = read_rows(cfg.data)
     val_rows = read_rows(cfg.validation) if cfg.validation else None
