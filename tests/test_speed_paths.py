@@ -152,11 +152,64 @@ def test_one_token_rows(tiny_base):
     assert count.tolist() == [0, 0] and nll.tolist() == [0.0, 0.0]
 
 
-def test_per_row_prompts_and_no_prompt_take_the_plain_path(tiny_base):
+def test_per_row_prompts_take_the_plain_path_and_nothing_common_too(tiny_base):
     ids, mask, labels = _batch()
     prompted = tiny_base.prepend_prompts(ids, mask, [torch.zeros(2, tiny_base.hidden_size)] * 4, labels)
     assert prompted.shared is None
-    assert tiny_base.prepend_prompts(ids, mask, None, labels).shared is None
+    calls, handle = _counting(tiny_base)
+    try:
+        with shared_prefix(tiny_base, True):  # no prompt and rows with no common first token: nothing to share
+            tiny_base.sequence_nll(tiny_base.prepend_prompts(ids, mask, None, labels))
+    finally:
+        handle.remove()
+    assert calls == [(4, 8, tiny_base.hidden_size)]
+
+
+def _common_start(left: bool):
+    """Rows that all begin with the same 4 tokens (a chat template's system turn), then differ."""
+    ids, mask, labels = _batch(seed=9, left=left)
+    start = torch.tensor([7, 8, 9, 10])
+    for row in range(ids.shape[0]):
+        first = int((mask[row] == 0).sum()) if left else 0
+        ids[row, first:first + 4] = start[:ids.shape[1] - first]
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[0, :5] = -100
+    return ids, mask, labels
+
+
+@pytest.mark.parametrize("kind", ["input", "deep", "none"])
+@pytest.mark.parametrize("left", [False, True])
+def test_common_leading_tokens_run_once(tiny_base, kind, left):
+    """The tokens every row starts with run once per batch, after the prompt (input-embedding or deep) or
+    alone: same per-row loss and prompt gradient as the plain path. The shortest row (3 tokens) keeps its
+    last token to itself, so 2 of the 4 common tokens are shared."""
+    torch.manual_seed(10)
+    shape = {"input": (5, tiny_base.hidden_size), "deep": (5, *tiny_base.kv_shape), "none": None}[kind]
+    prompt = torch.randn(*shape) * 0.5 if shape else None
+    ids, mask, labels = _common_start(left)
+
+    def run():
+        p = None if prompt is None else prompt.clone().requires_grad_(True)
+        nll, count = tiny_base.sequence_nll(tiny_base.prepend_prompts(ids, mask, p, labels))
+        if p is None:
+            return nll.detach(), count, None
+        nll.sum().backward()
+        return nll.detach(), count, p.grad
+
+    with shared_prefix(tiny_base, False):
+        ref = run()
+    calls, handle = _counting(tiny_base)
+    try:
+        with shared_prefix(tiny_base, True):
+            fast = run()
+    finally:
+        handle.remove()
+    n_virtual = 5 if kind == "input" else 0
+    assert calls == [(1, n_virtual + 2, tiny_base.hidden_size), (4, 9 - 2 - 1, tiny_base.hidden_size)]
+    assert torch.equal(ref[1], fast[1])
+    torch.testing.assert_close(fast[0], ref[0], rtol=1e-5, atol=1e-5)
+    if prompt is not None:
+        torch.testing.assert_close(fast[2], ref[2], rtol=1e-4, atol=1e-6)
 
 
 def test_bf16_within_tolerance_of_fp32(tiny_model_dir):

@@ -161,14 +161,17 @@ class Prompted:
     # Deep prompts: per-layer keys/values ahead of the row, [B, K, 2*layers, kv_dim]; attention_mask then
     # covers K + L columns (the prefix's first), as HF expects with a cache.
     prefix: torch.Tensor | None = None
-    # One prompt for every row: the pieces before injection, so `sequence_nll` can run the virtual tokens once
-    # for the whole batch instead of once per row (their states do not depend on the row). None otherwise.
+    # One prompt (or none) for every row: the pieces before injection, so `sequence_nll` can run the virtual
+    # tokens and the rows' common leading tokens once for the whole batch instead of once per row (their states
+    # do not depend on the row). None for per-row prompts.
     shared: SharedPrefix | None = field(default=None, repr=False)
 
 
 @dataclass
 class SharedPrefix:
-    prompt: torch.Tensor  # [P, d] in the model's dtype
+    prompt: torch.Tensor  # [P, d] in the model's dtype (P may be 0)
+    deep: torch.Tensor | None  # [K, 2*layers, kv_dim] or None
+    token_ids: torch.Tensor  # [B, T]
     token_embeds: torch.Tensor  # [B, T, d]
     token_mask: torch.Tensor  # [B, T]
     token_labels: torch.Tensor | None  # [B, T]
@@ -181,8 +184,9 @@ class BaseModel:
     model: Any
     tokenizer: Any
     source: str
-    # Run a batch's shared prompt once instead of once per row in `sequence_nll` (same result). None = auto:
-    # on for CPU, where it pays; off on CUDA, where the extra small launch measured slower (BENCHMARKS.md, GPU).
+    # Run what every row of a batch shares (its one prompt, the template's common leading tokens) once instead of
+    # once per row in `sequence_nll` (same result). None = auto: on for CPU, where it pays; off on CUDA, where
+    # the extra small launch measured slower (BENCHMARKS.md, GPU).
     shared_prefix: bool | None = None
     _cache: dict = field(default_factory=dict, repr=False)
 
@@ -329,9 +333,9 @@ class BaseModel:
         if self.is_encoder_decoder:
             return Prompted(embeds, mask, positions, decoder_labels)
         shared = None
-        if isinstance(prompts, torch.Tensor) and prompts.dim() == 2 and prompts.shape[0] > 0:
-            shared = SharedPrefix(virtual[0].to(token_embeds.dtype), token_embeds, attention_mask,
-                                  None if raw_labels is None else raw_labels.to(self.device))
+        if raw_labels is not None and not isinstance(prompts, list) and not isinstance(deep, list):
+            shared = SharedPrefix(virtual[0].to(token_embeds.dtype), deep,
+                                  input_ids, token_embeds, attention_mask, raw_labels.to(self.device))
         return Prompted(embeds, mask, positions, labels, prefix=prefix, shared=shared)
 
     def forward(self, batch: Prompted, **kwargs):
@@ -462,48 +466,59 @@ class BaseModel:
         cache.layer_class_to_replicate = None
         return cache
 
-    # ---- shared prefix: the virtual tokens run once per batch ------------------------------------
+    # ---- shared prefix: what every row has in common runs once per batch ---------------------------
 
     def _shared_prefix_hidden(self, shared: SharedPrefix) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Final hidden states [B, P+T, d] and labels [B, P+T] for rows laid out [virtual | tokens | pad], with
-        the virtual tokens computed ONCE (batch 1) and their keys/values broadcast to every row.
+        """Final hidden states [B, P+T-1, d] and labels [B, P+T] for rows laid out [virtual | tokens | pad], with
+        the virtual tokens AND the tokens every row starts with (a chat template's system turn, "Review:")
+        computed ONCE (batch 1) and their keys/values broadcast to every row.
 
-        With one prompt for all rows the virtual tokens' states are the same in every row (they come first
-        and attend only to each other), so running them B times is waste: for short rows (classification)
-        they are half the work. Same maths as the plain path (a test checks it); autograd sums the rows'
-        gradients through the broadcast. Returns None where it does not apply (the caller takes the plain
-        path): a cache that is not plain full attention, activation checkpointing (it drops caches), FSDP.
+        With one prompt for all rows, that common prefix has the same states in every row (it comes first and,
+        the attention being causal, sees only itself and the deep prefix), so running it B times is waste: for
+        short classification rows in a chat template it is half the work. Same maths as the plain path (tests
+        check it); autograd sums the rows' gradients through the broadcast. Returns None where it does not
+        apply or there is nothing to share (the caller takes the plain path): a cache that is not plain full
+        attention, activation checkpointing (it drops caches), FSDP.
         """
         backbone = self.model.base_model
         if not self._prefix_ok(backbone):
             return None
         from transformers.cache_utils import DynamicCache, DynamicLayer
 
-        prompt, embeds, mask = shared.prompt, shared.token_embeds, shared.token_mask.to(self.device).long()
-        n_virtual, batch = prompt.shape[0], embeds.shape[0]
+        prompt, mask = shared.prompt, shared.token_mask.to(self.device).long()
+        # Real tokens first, padding last: every row's tokens then start right after the prefix.
+        order = torch.argsort(mask, dim=1, descending=True, stable=True)  # [B, T]
+        mask, ids = mask.gather(1, order), shared.token_ids.gather(1, order)
+        embeds = shared.token_embeds.gather(1, order[..., None].expand_as(shared.token_embeds))
+        labels = shared.token_labels.gather(1, order).masked_fill(mask == 0, -100)
+        batch, n_virtual = embeds.shape[0], prompt.shape[0]
+        # Leading tokens common to every row, leaving each row at least its last token to run on its own.
+        same = ((ids == ids[:1]) & (mask == 1)).all(0).long()  # [T]
+        common = max(min(int(same.cumprod(0).sum()), int(mask.sum(1).min()) - 1), 0)
+        n_pre = n_virtual + common
+        if n_pre == 0:
+            return None
+        n_deep = 0 if shared.deep is None else shared.deep.shape[0]
         cache_kw = self._cache_kw(backbone)
-        pre = backbone(inputs_embeds=prompt[None], position_ids=torch.arange(n_virtual, device=self.device)[None],
-                       use_cache=True)
+        extra = {} if shared.deep is None else {cache_kw: self.prefix_cache(shared.deep.to(prompt.dtype)[None], storing=True)}
+        pre = backbone(inputs_embeds=torch.cat([prompt, embeds[0, :common]])[None], use_cache=True,
+                       position_ids=torch.arange(n_deep, n_deep + n_pre, device=self.device)[None], **extra)
         layers = getattr(cache_of(pre), "layers", None)
         if not layers or any(type(layer) is not DynamicLayer or not layer.is_initialized for layer in layers):
             self._cache["prefix_ok"] = False  # e.g. sliding-window or linear-attention layers
             return None
         cache = DynamicCache()
-        cache.layers = [_PrefixLayer(layer.keys, layer.values, batch) for layer in layers]
+        cache.layers = [_PrefixLayer(layer.keys, layer.values, batch) for layer in layers]  # [1, H, K+n_pre, D]
         cache.layer_class_to_replicate = None
-        # Real tokens first, padding last: every real token then follows the virtual tokens directly.
-        order = torch.argsort(mask, dim=1, descending=True, stable=True)
-        embeds = embeds.gather(1, order[..., None].expand_as(embeds))
-        mask = mask.gather(1, order)
-        positions = n_virtual + (mask.cumsum(1) - 1).clamp(min=0)
-        hidden = pre.last_hidden_state.expand(batch, -1, -1)  # [B, P, d]
-        width = embeds.shape[1] - 1  # the last position predicts nothing: leave it out (causal: nothing needs it)
+        hidden = pre.last_hidden_state.expand(batch, -1, -1)  # [B, n_pre, d]
+        rest, rest_mask = embeds[:, common:], mask[:, common:]
+        positions = n_deep + n_pre + (rest_mask.cumsum(1) - 1).clamp(min=0)
+        width = rest.shape[1] - 1  # the last position predicts nothing: leave it out (causal: nothing needs it)
         if width > 0:
-            out = backbone(inputs_embeds=embeds[:, :width], attention_mask=torch.cat([mask.new_ones(batch, n_virtual),
-                           mask[:, :width]], 1), position_ids=positions[:, :width], use_cache=True,
-                           **{cache_kw: cache}).last_hidden_state
+            out = backbone(inputs_embeds=rest[:, :width], attention_mask=torch.cat(
+                           [mask.new_ones(batch, n_deep + n_pre), rest_mask[:, :width]], 1),
+                           position_ids=positions[:, :width], use_cache=True, **{cache_kw: cache}).last_hidden_state
             hidden = torch.cat([hidden, out], dim=1)  # [B, P+T-1, d]
-        labels = shared.token_labels.gather(1, order).masked_fill(mask == 0, -100)
         labels = torch.cat([labels.new_full((batch, n_virtual), -100), labels], dim=1)
         return hidden, labels
 
