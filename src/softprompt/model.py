@@ -174,7 +174,7 @@ class SharedPrefix:
     token_ids: torch.Tensor  # [B, T]
     token_embeds: torch.Tensor  # [B, T, d]
     token_mask: torch.Tensor  # [B, T]
-    token_labels: torch.Tensor | None  # [B, T]
+    token_labels: torch.Tensor  # [B, T], -100 where no loss
 
 
 @dataclass
@@ -500,7 +500,8 @@ class BaseModel:
             return None
         n_deep = 0 if shared.deep is None else shared.deep.shape[0]
         cache_kw = self._cache_kw(backbone)
-        extra = {} if shared.deep is None else {cache_kw: self.prefix_cache(shared.deep.to(prompt.dtype)[None], storing=True)}
+        extra = {} if shared.deep is None else {
+            cache_kw: self.prefix_cache(shared.deep.to(prompt.dtype)[None], storing=True)}  # deep prefix at batch 1
         pre = backbone(inputs_embeds=torch.cat([prompt, embeds[0, :common]])[None], use_cache=True,
                        position_ids=torch.arange(n_deep, n_deep + n_pre, device=self.device)[None], **extra)
         layers = getattr(cache_of(pre), "layers", None)
