@@ -150,3 +150,26 @@ def test_one_pass_loss_and_scores_match_the_general_paths(tiny_base):
         assert count == sum(t != -100 for e in evalset.examples for t in e.labels)
         assert nll / count == pytest.approx(token_loss(tiny_base, p, evalset.examples), rel=1e-4)
         torch.testing.assert_close(scores, _pair_label_scores(tiny_base, p, evalset, 6, False), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["none", "input", "deep"])
+def test_one_pass_with_a_common_template_prefix_matches_the_plain_path(tiny_base, kind):
+    """Rows that all start with the template's words: the one-pass scores and loss, through the shared-prefix
+    path (common leading tokens run once), equal the plain path's pair scores and loss."""
+    from softprompt.evaluate import _one_pass, token_loss
+
+    template = Template(input="Review: the film was {input}\nSentiment:", output=" {output}")
+    evalset = prepare(tiny_base, template, sentiment_rows(9, 7))
+    prompt = {"none": None, "input": SoftPrompt.initialise(tiny_base, 3, "random", seed=3).embeddings,
+              "deep": torch.randn(3, *tiny_base.kv_shape) * 0.3}[kind]
+    old = tiny_base.shared_prefix
+    try:
+        tiny_base.shared_prefix = True
+        scores, nll, count = _one_pass(tiny_base, prompt, evalset, 4, False)
+        tiny_base.shared_prefix = False
+        ref_scores = _pair_label_scores(tiny_base, prompt, evalset, 5, False)
+        ref_loss = token_loss(tiny_base, prompt, evalset.examples)
+    finally:
+        tiny_base.shared_prefix = old
+    torch.testing.assert_close(scores, ref_scores, atol=1e-4, rtol=1e-4)
+    assert nll / count == pytest.approx(ref_loss, rel=1e-4)

@@ -14,7 +14,6 @@ input, k-shot in-context examples before the input, and any number of soft promp
 
 from __future__ import annotations
 
-import inspect
 import math
 import os
 import random
@@ -207,10 +206,6 @@ def _single_token_ok(evalset: EvalSet) -> bool:
     return bool(evalset.label_ids) and all(len(ids) == 1 for ids in evalset.label_ids) and all(evalset.inputs)
 
 
-def _logits_kwargs(base: BaseModel, keep: int) -> dict[str, int]:
-    return {"logits_to_keep": keep} if "logits_to_keep" in inspect.signature(base.model.forward).parameters else {}
-
-
 @torch.no_grad()
 def _single_token_label_scores(base: BaseModel, tensor, evalset: EvalSet, batch_size: int, progress: bool) -> torch.Tensor:
     scores, _, _ = _one_pass(base, tensor, evalset, batch_size, progress, with_loss=False)
@@ -227,8 +222,9 @@ def _one_pass(base: BaseModel, tensor, evalset: EvalSet, batch_size: int, progre
     `_pair_label_scores` and `token_loss`, at a third (binary labels) of the cost.
     """
     candidates = torch.tensor([ids[0] for ids in evalset.label_ids])
+    # Without the loss, a stand-in answer token marks the position whose distribution scores the labels.
     rows_all = evalset.examples if with_loss else [
-        Encoded(ids, [-100] * len(ids), len(ids)) for ids in evalset.inputs]
+        Encoded(ids + [int(candidates[0])], [-100] * (len(ids) + 1), len(ids)) for ids in evalset.inputs]
     order = sorted(range(len(rows_all)), key=lambda i: len(rows_all[i].input_ids))
     scores = torch.empty(len(rows_all), len(candidates))
     nll, count = 0.0, 0
@@ -236,19 +232,17 @@ def _one_pass(base: BaseModel, tensor, evalset: EvalSet, batch_size: int, progre
                   disable=not progress, leave=False):
         rows = order[s:s + batch_size]
         examples = [rows_all[i] for i in rows]
-        batch = collate(examples, base.tokenizer.pad_token_id)
-        prompted = base.prepend_prompts(batch["input_ids"], batch["attention_mask"], tensor)
-        # Layout [pad | virtual | tokens]: every row ends in the last column, so the last `keep` positions hold
-        # each row's last input token and its answer.
-        keep = max(len(e.input_ids) - e.n_input for e in examples) + 1
-        logits = base.forward(prompted, **_logits_kwargs(base, keep)).logits[:, -keep:].float()
-        logp = torch.log_softmax(logits, -1)  # [B, keep, V]
-        for b, e in enumerate(examples):
-            tail = len(e.input_ids) - e.n_input  # answer tokens
-            scores[rows[b]] = logp[b, keep - tail - 1, candidates.to(logp.device)].cpu()
-            for t in range(e.n_input, len(e.input_ids)):
-                if e.labels[t] != -100:  # token t is predicted at position t - 1
-                    nll -= float(logp[b, keep - (len(e.input_ids) - t) - 1, e.labels[t]])
+        # Every answer token labelled: the logits come back at the last input token and at each answer token.
+        marked = [Encoded(e.input_ids, [-100] * e.n_input + list(e.input_ids[e.n_input:]), e.n_input) for e in examples]
+        batch = collate(marked, base.tokenizer.pad_token_id)
+        prompted = base.prepend_prompts(batch["input_ids"], batch["attention_mask"], tensor, batch["labels"])
+        logits, _ = base.logits_at_labels(prompted)  # [N, V], row by row
+        logp = torch.log_softmax(logits, -1).cpu()
+        for b, (e, answer) in enumerate(zip(examples, logp.split([len(e.input_ids) - e.n_input for e in examples]))):
+            scores[rows[b]] = answer[0, candidates]
+            for k, t in enumerate(range(e.n_input, len(e.input_ids))):
+                if e.labels[t] != -100:  # answer token t, predicted at answer row k
+                    nll -= float(answer[k, e.labels[t]])
                     count += 1
     return scores, nll, count
 

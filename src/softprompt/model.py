@@ -364,6 +364,32 @@ class BaseModel:
             logits = self.forward(batch).logits  # [B, A, V], aligned with the decoder labels
             nll = F.cross_entropy(logits.float().transpose(1, 2), batch.labels, reduction="none")  # [B, A]
             return nll.sum(1), (batch.labels != -100).sum(1)
+        picked, targets, rows, is_logits = self._at_labels(batch)
+        head = self.model.get_output_embeddings()
+        if is_logits:
+            nll = F.cross_entropy(picked.float(), targets, reduction="none")  # [N]
+        elif type(head) is torch.nn.Linear and head.bias is None and not head.weight.requires_grad:
+            nll = head_nll(picked, head.weight, targets)  # chunked: no [N, V] fp32 logits kept
+        else:
+            nll = F.cross_entropy(head(picked).float(), targets, reduction="none")
+        n_rows = batch.inputs_embeds.shape[0]
+        per_row = torch.zeros(n_rows, device=nll.device, dtype=nll.dtype).index_add(0, rows, nll)
+        return per_row, torch.bincount(rows, minlength=n_rows)
+
+    def logits_at_labels(self, batch: Prompted) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp32 logits [N, V] at every position that predicts a labelled token, and the row of each [N], row by
+        row in sequence order. For scoring: the same fast paths as `sequence_nll`, the full vocabulary kept."""
+        assert batch.labels is not None, "logits_at_labels needs labels"
+        if self.is_encoder_decoder:
+            selected = batch.labels != -100  # decoder logits are aligned with the decoder labels
+            return self.forward(batch).logits[selected].float(), selected.nonzero()[:, 0]
+        picked, _, rows, is_logits = self._at_labels(batch)
+        return (picked if is_logits else self.model.get_output_embeddings()(picked)).float(), rows
+
+    def _at_labels(self, batch: Prompted) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+        """What the LM head needs where a labelled token is predicted, decoder-only: final hidden states [N, d]
+        (or logits [N, V] for models whose head is not a plain projection), the targets [N], the row of each
+        [N] (row-major), and whether the first are logits."""
         backbone, head = self.model.base_model, self.model.get_output_embeddings()
         full_logits = backbone is self.model or head is None or getattr(self.config, "final_logit_softcapping", None)
         use_shared = self.shared_prefix if self.shared_prefix is not None else self.device.type == "cpu"
@@ -388,15 +414,7 @@ class BaseModel:
         targets = labels[:, 1:]  # position t predicts token t+1
         selected = targets != -100  # [B, L-1]
         picked = hidden_or_logits[:, :targets.shape[1]][selected]  # [N, d] or [N, V]
-        if full_logits:
-            nll = F.cross_entropy(picked.float(), targets[selected], reduction="none")  # [N]
-        elif type(head) is torch.nn.Linear and head.bias is None and not head.weight.requires_grad:
-            nll = head_nll(picked, head.weight, targets[selected])  # chunked: no [N, V] fp32 logits kept
-        else:
-            nll = F.cross_entropy(head(picked).float(), targets[selected], reduction="none")
-        rows = selected.nonzero()[:, 0]
-        per_row = torch.zeros(targets.shape[0], device=nll.device, dtype=nll.dtype).index_add(0, rows, nll)
-        return per_row, selected.sum(1)
+        return picked, targets[selected], selected.nonzero()[:, 0], bool(full_logits)
 
 
     # ---- deep prompts: key/value prefixes at every layer ---------------------------------------
