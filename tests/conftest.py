@@ -3,6 +3,7 @@ so tests load it through the same `load_model(folder)` path users take. Plus sma
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 from pathlib import Path
@@ -109,3 +110,14 @@ def cli_error(capsys, argv) -> str:
     assert rc != 0
     assert err and err[-1].startswith("softprompt: error:") and "Traceback" not in "\n".join(err)
     return err[-1]
+
+
+@contextlib.contextmanager
+def shared_prefix(base, on: bool):
+    """Force `BaseModel.shared_prefix` on or off for a block (the fast path vs the plain one)."""
+    old = base.shared_prefix
+    base.shared_prefix = on
+    try:
+        yield
+    finally:
+        base.shared_prefix = old

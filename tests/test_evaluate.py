@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from conftest import sentiment_rows, write_jsonl
+from conftest import sentiment_rows, shared_prefix, write_jsonl
 from softprompt import SoftPrompt, evaluate
 from softprompt.cli import main
 from softprompt.data import Template
@@ -162,14 +162,10 @@ def test_one_pass_with_a_common_template_prefix_matches_the_plain_path(tiny_base
     evalset = prepare(tiny_base, template, sentiment_rows(9, 7))
     prompt = {"none": None, "input": SoftPrompt.initialise(tiny_base, 3, "random", seed=3).embeddings,
               "deep": torch.randn(3, *tiny_base.kv_shape) * 0.3}[kind]
-    old = tiny_base.shared_prefix
-    try:
-        tiny_base.shared_prefix = True
+    with shared_prefix(tiny_base, True):
         scores, nll, count = _one_pass(tiny_base, prompt, evalset, 4, False)
-        tiny_base.shared_prefix = False
+    with shared_prefix(tiny_base, False):
         ref_scores = _pair_label_scores(tiny_base, prompt, evalset, 5, False)
         ref_loss = token_loss(tiny_base, prompt, evalset.examples)
-    finally:
-        tiny_base.shared_prefix = old
     torch.testing.assert_close(scores, ref_scores, atol=1e-4, rtol=1e-4)
     assert nll / count == pytest.approx(ref_loss, rel=1e-4)

@@ -4,7 +4,6 @@ bf16 paths to bf16 tolerance (a few 1e-2 relative on the loss, see BENCHMARKS.md
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
 import subprocess
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import shared_prefix
 from softprompt import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,16 +32,6 @@ def _batch(seed: int = 0, left: bool = False):
     labels = ids.masked_fill(mask == 0, -100)
     labels[0, :4] = -100  # an input part without loss
     return ids, mask, labels
-
-
-@contextlib.contextmanager
-def shared_prefix(base, on: bool):
-    old = base.shared_prefix
-    base.shared_prefix = on
-    try:
-        yield
-    finally:
-        base.shared_prefix = old
 
 
 def _loss_and_grad(base, prompt, ids, mask, labels):
