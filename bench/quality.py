@@ -7,6 +7,7 @@ softprompt's evaluator on the same examples.
     python bench/quality.py --tasks sst2    # one task
     python bench/quality.py --smoke --model DIR --data-dir DIR   # CI: a few steps on tiny data
     python bench/quality.py --tasks sst2,rte --methods             # + one row per method (deep, P-tuning, ...)
+    python bench/quality.py --tasks sst2-chat --peft-time 1.5 --curve-rows 500   # time to accuracy (PEFT longer)
 
 Data comes from ../shared/data (relative to the repo root; override with --data-dir or $SOFTPROMPT_DATA) and
 is never copied into the repository: seeded subsets are written under --output (default runs/bench).
@@ -210,9 +211,10 @@ def peft_recipe(task: Task) -> dict[str, Any]:
 
 
 def train_peft(base, examples, model_arg: str | None, task: Task, budget: Budget, time_cap: float, out: Path,
-               snapshots: int) -> dict[str, Any]:
+               snapshot_every: float | None) -> dict[str, Any]:
     """PEFT PromptTuningConfig + get_peft_model + HF Trainer on the same tokenised examples, the same number of
-    steps and batch size, stopped early if it runs past softprompt's wall-clock."""
+    steps and batch size, stopped early once it has trained `time_cap` seconds; a snapshot of the prompt every
+    `snapshot_every` seconds of training."""
     from peft import PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
@@ -238,8 +240,8 @@ def train_peft(base, examples, model_arg: str | None, task: Task, budget: Budget
             elapsed = time.perf_counter() - clock["start"]
             clock.update(elapsed=elapsed, steps=state.global_step)
             # PEFT steps are slower, so snapshot by time (at the fractions of softprompt's wall-clock), not steps
-            if snapshots and elapsed >= clock.setdefault("next", time_cap / snapshots):
-                clock["next"] += time_cap / snapshots
+            if snapshot_every and elapsed >= clock.setdefault("next", snapshot_every):
+                clock["next"] += snapshot_every
                 seen.append((state.global_step, elapsed, model.get_prompt_embedding_to_save("default").detach().clone()))
             if elapsed >= time_cap and state.global_step < budget.steps:
                 clock["stopped_by_time"] = True
@@ -287,7 +289,7 @@ def train_peft(base, examples, model_arg: str | None, task: Task, budget: Budget
 
 
 def run_task(base, task: Task, data_dir: Path, out: Path, budget: Budget, model_arg, curve: bool,
-             methods: bool = False) -> dict[str, Any]:
+             methods: bool = False, peft_time: float = 1.0, curve_rows: int = 300) -> dict[str, Any]:
     rng = random.Random(SEED)
     train_rows, eval_rows = task.load(data_dir, rng, budget)
     folder = out / task.name
@@ -305,7 +307,8 @@ def run_task(base, task: Task, data_dir: Path, out: Path, budget: Budget, model_
     print(f"[{task.name}] softprompt: {sp['steps']} steps in {sp['wall_s']:.0f}s", file=sys.stderr, flush=True)
     max_length = min(512, base.max_positions - 20)
     examples = Encoder(base.tokenizer, template, max_length=max_length).encode_rows(train_rows, str(train_file))
-    pf = train_peft(base, examples, model_arg, task, budget, sp["wall_s"], folder / "peft", snaps)
+    pf = train_peft(base, examples, model_arg, task, budget, peft_time * sp["wall_s"], folder / "peft",
+                    sp["wall_s"] / snaps if snaps else None)
     print(f"[{task.name}] PEFT: {pf['steps']} steps in {pf['wall_s']:.0f}s", file=sys.stderr, flush=True)
 
     trained = {"softprompt": sp, "PEFT prompt tuning": pf}
@@ -337,7 +340,8 @@ def run_task(base, task: Task, data_dir: Path, out: Path, budget: Budget, model_
               "training": {name: {k: v for k, v in t.items() if k not in ("prompt", "snapshots")}
                            for name, t in trained.items()}}
     if curve and task.kind == "classification":
-        result["curve"] = _curve(base, template, eval_rows, {"softprompt": sp, "PEFT": pf}, report)
+        result["curve"] = _curve(base, template, eval_rows, {"softprompt": sp, "PEFT": pf}, report, curve_rows)
+        result["time_to_accuracy"] = time_to_accuracy(result["curve"])
     return result
 
 
@@ -359,6 +363,19 @@ def _curve(base, template, eval_rows, runs, report, points_rows: int = 300) -> d
     for pts in curve.values():
         pts.insert(0, {"step": 0, "elapsed_s": 0.0, "accuracy": zero, "rows": len(eval_rows)})
     return curve
+
+
+def time_to_accuracy(curve: dict[str, list], targets=(0.85, 0.86, 0.87, 0.88, 0.89, 0.90)) -> dict[str, dict]:
+    """Per target accuracy: each system's first curve point at or above it (training seconds, step), or None
+    with the time it trained without getting there."""
+    table = {}
+    for target in targets:
+        table[f"{target:.2f}"] = row = {}
+        for name, pts in curve.items():
+            hit = next((p for p in pts if p["accuracy"] >= target), None)
+            row[name] = ({"elapsed_s": hit["elapsed_s"], "step": hit["step"]} if hit else
+                         {"elapsed_s": None, "not_within_s": pts[-1]["elapsed_s"]})
+    return table
 
 
 def plot_curve(curve: dict[str, list], png: Path) -> None:
@@ -399,6 +416,15 @@ def markdown(results: dict[str, Any]) -> str:
             cells = (f"{train['wall_s']:.0f}", str(train["steps"]), str(train["examples"])) if train else ("-", "-", "-")
             loss = f"{r['loss']:.3f}" if r.get("loss") is not None else "-"
             lines.append(f"| {t['task']} | {r['system']} | {metric} | {value} | {loss} | " + " | ".join(cells) + " |")
+    for t in results["tasks"]:
+        if "time_to_accuracy" in t:
+            names = list(t["curve"])
+            lines += ["", f"{t['task']}: training seconds to reach an accuracy (first curve point at or above it)", "",
+                      "| accuracy | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+            for target, row in t["time_to_accuracy"].items():
+                cells = [f"{r['elapsed_s']:.0f}" if r["elapsed_s"] is not None else f"not in {r['not_within_s']:.0f}"
+                         for r in row.values()]
+                lines.append(f"| {100 * float(target):.0f} % | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -435,7 +461,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", action="store_true",
                    help=f"also train one prompt per method ({', '.join(METHODS)}) on {', '.join(METHOD_TASKS)}, "
                         "and their ensemble")
+    p.add_argument("--peft-time", type=float, default=1.0,
+                   help="PEFT may train this many times softprompt's wall-clock (time-to-accuracy runs; default 1)")
+    p.add_argument("--curve-rows", type=int, default=300,
+                   help="evaluation rows for the curve's intermediate points (the final points use every row)")
     args = p.parse_args(argv)
+    if args.peft_time <= 0 or args.curve_rows <= 0:
+        p.error("--peft-time and --curve-rows must be positive")
     data_dir, out = Path(args.data_dir), Path(args.output)
     if not data_dir.is_dir():
         raise SystemExit(f"data directory not found: {data_dir} (set --data-dir or $SOFTPROMPT_DATA)")
@@ -459,7 +491,8 @@ def main(argv: list[str] | None = None) -> int:
             budget = Budget(steps, budget.batch_size, budget.eval_rows)
         results["tasks"].append(run_task(base, task, data_dir, out, budget, args.model,
                                          curve=task.name.startswith("sst2") and not (args.no_curve or args.quick),
-                                         methods=args.methods and task.name in METHOD_TASKS))
+                                         methods=args.methods and task.name in METHOD_TASKS,
+                                         peft_time=args.peft_time, curve_rows=args.curve_rows))
         results["total_s"] = time.perf_counter() - started
         (out / "quality.json").write_text(json.dumps(results, indent=1))  # partial results survive a crash
     results["total_s"] = time.perf_counter() - started

@@ -75,7 +75,9 @@ def quality():
 def test_quality_benchmark_smoke(quality, tiny_model_dir, tmp_path, capsys):
     data = make_data(tmp_path / "data")
     out = tmp_path / "bench"
-    assert quality.main(["--smoke", "--model", str(tiny_model_dir), "--data-dir", str(data), "--output", str(out)]) == 0
+    argv = ["--smoke", "--model", str(tiny_model_dir), "--data-dir", str(data), "--output", str(out),
+            "--peft-time", "2", "--curve-rows", "5"]
+    assert quality.main(argv) == 0
     results = json.loads((out / "quality.json").read_text())
     assert [t["task"] for t in results["tasks"]] == [t.name for t in quality.TASKS if t.in_all]
     for t in results["tasks"]:
@@ -86,8 +88,22 @@ def test_quality_benchmark_smoke(quality, tiny_model_dir, tmp_path, capsys):
         assert all(key in r for r in t["systems"])
     sst2 = results["tasks"][0]
     assert [p["step"] for p in sst2["curve"]["softprompt"]][0] == 0 and (out / "sst2-curve.png").exists()
+    assert {p["rows"] for p in sst2["curve"]["softprompt"][1:-1]} == {5}  # --curve-rows; the last point: all rows
+    assert set(sst2["time_to_accuracy"]["0.88"]) == {"softprompt", "PEFT"}
     table = (out / "quality.md").read_text()
     assert "| sst2 | softprompt |" in table and "| e2e | PEFT prompt tuning |" in table
+    assert "sst2: training seconds to reach an accuracy" in table
+
+
+def test_time_to_accuracy_is_the_first_point_at_or_above_the_target(quality):
+    def pts(*acc_at):
+        return [{"step": i, "elapsed_s": float(t), "accuracy": a} for i, (t, a) in enumerate(acc_at)]
+
+    curve = {"softprompt": pts((0, 0.80), (50, 0.88), (100, 0.87)), "PEFT": pts((0, 0.80), (60, 0.86), (120, 0.85))}
+    table = quality.time_to_accuracy(curve, targets=(0.86, 0.88))
+    assert table["0.88"]["softprompt"] == {"elapsed_s": 50.0, "step": 1}
+    assert table["0.88"]["PEFT"] == {"elapsed_s": None, "not_within_s": 120.0}  # trained 120 s without reaching it
+    assert table["0.86"]["PEFT"] == {"elapsed_s": 60.0, "step": 1}
 
 
 def test_quality_benchmark_method_rows_smoke(quality, tiny_model_dir, tmp_path):
