@@ -142,3 +142,11 @@ def test_quality_benchmark_chat_recipe_smoke(quality, tiny_model_dir, tmp_path):
     assert t["task"] == "sst2-chat" and t["training"]["softprompt"]["config"]["deep"] is True
     assert t["training"]["softprompt"]["config"]["lr"] == 0.05 and t["training"]["PEFT prompt tuning"]["steps"] >= 1
     assert (out / "sst2-chat-curve.png").exists()
+
+
+@pytest.mark.parametrize("flag", ["--peft-time", "--curve-rows"])
+def test_non_positive_time_or_rows_is_refused_by_name(quality, tmp_path, capsys, flag):
+    with pytest.raises(SystemExit):
+        quality.main([flag, "0", "--data-dir", str(tmp_path), "--output", str(tmp_path / "bench")])
+    assert "--peft-time and --curve-rows must be positive" in capsys.readouterr().err
+    assert not (tmp_path / "bench").exists()  # refused before anything ran
