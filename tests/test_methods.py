@@ -27,6 +27,14 @@ def test_reparam_trains_and_exports_plain_embeddings(tiny_base, sentiment_files,
     assert loaded.meta["training"]["reparam"] == kind
 
 
+@pytest.mark.parametrize("deep,reparam,lr", [(False, None, 0.1), (True, None, 0.01), (False, "mlp", 0.01),
+                                              (True, "residual", 1e-5)])
+def test_default_learning_rate_follows_deep_and_reparam(tiny_base, sentiment_files, tmp_path, deep, reparam, lr):
+    # through an encoder the prompt tuning rate (0.1) wrecks the run; with deep keys/values even 1e-3 (BENCHMARKS.md)
+    result = _run(tiny_base, sentiment_files, tmp_path / "run", deep=deep, reparam=reparam, lr=None, steps=1)
+    assert result.prompt.meta["training"]["lr"] == lr
+
+
 def test_residual_reparam_starts_at_its_init(tiny_base):
     init = SoftPrompt.initialise(tiny_base, 5, "vocab")
     assert torch.equal(ReparamPrompt(init.embeddings, "residual")(), init.embeddings)

@@ -46,7 +46,7 @@ class TrainConfig:
     epochs: float = opt(3.0, "passes over the training data when --steps is not given")
     batch_size: int = opt(16, "examples per optimizer step (global, over all processes and accumulation)")
     grad_accum: int = opt(1, "split each step's batch into this many micro-batches (saves memory, same result)")
-    lr: float | None = opt(None, "peak learning rate (default 0.1, or 0.01 with --deep: keys/values live on another scale; prompt tuning needs far higher rates than fine-tuning)")
+    lr: float | None = opt(None, "peak learning rate (default 0.1; 0.01 with --deep or --reparam; 1e-5 with both: keys/values and encoder weights need smaller steps; prompt tuning needs far higher rates than fine-tuning)")
     warmup: float = opt(0.06, "warmup as a fraction of steps (<1) or a number of steps (>=1)")
     schedule: str = opt("cosine", "learning-rate schedule after warmup: cosine | linear | constant")
     weight_decay: float = opt(0.0, "AdamW weight decay on the prompt")

@@ -32,7 +32,10 @@ CHECKPOINT = "checkpoint.safetensors"
 LOG = "metrics.jsonl"
 PLOT = "loss.png"
 # Changing these between a run and its resume would silently change the training: refuse instead.
-PROMPT_LR, DEEP_LR = 0.1, 0.01  # default peak learning rates
+# Default peak learning rates, by (deep, reparameterised), measured on SST-2 (BENCHMARKS.md, Quality). Through an
+# encoder, Adam moves every weight by ~lr and each output sums those moves weighted by activations that grow with
+# the encoder's input: a deep prompt's row (SmolLM2-135M: 11,520 keys/values, RMS ~1.5) needs far smaller steps.
+DEFAULT_LR = {(False, False): 0.1, (True, False): 0.01, (False, True): 0.01, (True, True): 1e-5}
 RESUME_KEYS = ("data", "batch_size", "grad_accum", "seed", "virtual_tokens", "init", "deep", "reparam", "lr", "schedule", "warmup",
                "input_template", "output_template", "label_map", "lm", "chat", "system", "max_length", "steps", "epochs")
 
@@ -75,8 +78,8 @@ def train(config: TrainConfig | dict | None = None, /, *, base: BaseModel | None
     holding also "prompt": the current prompt tensor (detached; a snapshot needs a copy).
     """
     cfg = from_kwargs(TrainConfig, config, **kwargs)
-    if cfg.lr is None:  # measured on SST-2 (BENCHMARKS.md, Quality)
-        cfg = replace(cfg, lr=DEEP_LR if cfg.deep else PROMPT_LR)
+    if cfg.lr is None:
+        cfg = replace(cfg, lr=DEFAULT_LR[cfg.deep, bool(cfg.reparam)])
     out = Path(cfg.output)
     ckpt_path = out / CHECKPOINT
     # Check every input before touching the output folder: a failed start never clobbers a run.
