@@ -31,11 +31,11 @@ from .reparam import ReparamPrompt
 CHECKPOINT = "checkpoint.safetensors"
 LOG = "metrics.jsonl"
 PLOT = "loss.png"
-# Changing these between a run and its resume would silently change the training: refuse instead.
 # Default peak learning rates, by (deep, reparameterised), measured on SST-2 (BENCHMARKS.md, Quality). Through an
 # encoder, Adam moves every weight by ~lr and each output sums those moves weighted by activations that grow with
 # the encoder's input: a deep prompt's row (SmolLM2-135M: 11,520 keys/values, RMS ~1.5) needs far smaller steps.
 DEFAULT_LR = {(False, False): 0.1, (True, False): 0.01, (False, True): 0.01, (True, True): 1e-5}
+# Changing these between a run and its resume would silently change the training: refuse instead.
 RESUME_KEYS = ("data", "batch_size", "grad_accum", "seed", "virtual_tokens", "init", "deep", "reparam", "lr", "schedule", "warmup",
                "input_template", "output_template", "label_map", "lm", "chat", "system", "max_length", "steps", "epochs")
 
