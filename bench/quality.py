@@ -7,7 +7,7 @@ softprompt's evaluator on the same examples.
     python bench/quality.py --tasks sst2    # one task
     python bench/quality.py --smoke --model DIR --data-dir DIR   # CI: a few steps on tiny data
     python bench/quality.py --tasks sst2,rte --methods             # + one row per method (deep, P-tuning, ...)
-    python bench/quality.py --tasks sst2-chat --peft-time 1.6 --curve-rows 500   # time to accuracy: PEFT trains 1.6x longer
+    python bench/quality.py --tasks sst2-chat --peft-time 1.6 --curve-rows 500   # time to accuracy
 
 Data comes from ../shared/data (relative to the repo root; override with --data-dir or $SOFTPROMPT_DATA) and
 is never copied into the repository: seeded subsets are written under --output (default runs/bench).
@@ -239,7 +239,7 @@ def train_peft(base, examples, model_arg: str | None, task: Task, budget: Budget
         def on_step_end(self, args, state, control, **kw):
             elapsed = time.perf_counter() - clock["start"]
             clock.update(elapsed=elapsed, steps=state.global_step)
-            # PEFT steps are slower, so snapshot by time (at the fractions of softprompt's wall-clock), not steps
+            # PEFT steps are slower, so snapshot by time (softprompt's snapshot spacing), not steps
             if snapshot_every and elapsed >= clock.setdefault("next", snapshot_every):
                 clock["next"] += snapshot_every
                 seen.append((state.global_step, elapsed, model.get_prompt_embedding_to_save("default").detach().clone()))

@@ -45,7 +45,6 @@ def test_prompt_goes_before_the_encoder_input_and_answer_to_the_decoder(t5):
     assert torch.allclose(nll[0], ref, atol=1e-4)
 
 
-
 def test_logits_at_labels_on_the_decoder_side(t5):
     """Scoring's logits (one row per labelled answer token) give sequence_nll's loss."""
     prompt = SoftPrompt.initialise(t5, 3, "random").embeddings
@@ -59,6 +58,7 @@ def test_logits_at_labels_on_the_decoder_side(t5):
     assert rows.tolist() == [0, 0, 1] and logits.shape == (3, t5.vocab_size) and logits.dtype == torch.float32
     picked = -torch.log_softmax(logits, -1)[torch.arange(3), torch.tensor([20, 21, 22])]
     torch.testing.assert_close(torch.stack([picked[:2].sum(), picked[2]]), nll, rtol=1e-5, atol=1e-5)
+
 
 def test_train_eval_generate_export_a_t5_prompt(t5, t5_dir, sentiment_files, tmp_path):
     train_file, dev_file = sentiment_files
