@@ -7,6 +7,7 @@ each configuration in turn; tokens/s, peak memory, MFU against the measured matm
 
     python bench/gpu_speed.py --shape 1b --out results/1b            # on a CUDA machine (PYTHONPATH=src)
     python bench/gpu_speed.py --device cpu --tiny --out /tmp/gpu     # smoke test of the same code on CPU
+    python bench/gpu_speed.py --device cpu --shape 1b-narrow --configs softprompt-plain,peft-fp32   # op counts
 
 Workloads: `cls` (rows of 32-128 tokens, a one-token answer + EOS scored: classification-style) and `lm`
 (rows of 256-512 tokens, every token scored: language modelling). Writes OUT/gpu_speed.json and .md.
@@ -36,6 +37,9 @@ SHAPES = {  # Llama-3-style shapes (vocab 128256; the 1b/3b tie embeddings like 
                num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
     "3b": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
                num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
+    # The 1b's depth at a width where compute is negligible: per-step op counts and dispatch cost on any device.
+    "1b-narrow": dict(hidden_size=64, intermediate_size=256, num_hidden_layers=16, num_attention_heads=4,
+                      num_key_value_heads=1, vocab_size=512, tie_word_embeddings=True),
     "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
 }
@@ -74,6 +78,13 @@ def rows_for(workload: str, n: int, vocab: int, tiny: bool, seed: int = 0) -> tu
     return [{"text": words(rng.randint(lo, hi))} for _ in range(n)], dict(lm=True, output_template="{text}")
 
 
+# Operators that only make views, allocate or query: not counted as a step's work.
+NOT_COMPUTE = {f"aten::{n}" for n in ("view", "as_strided", "reshape", "expand", "slice", "select", "transpose", "t",
+                                      "unsqueeze", "squeeze", "permute", "detach", "_unsafe_view", "alias", "empty",
+                                      "empty_strided", "empty_like", "lift_fresh", "resolve_conj", "resolve_neg",
+                                      "contiguous", "result_type", "item", "_local_scalar_dense", "to", "is_nonzero")}
+
+
 def direct_phase(base, work, args, device: torch.device, out: Path) -> list[dict]:
     """No threads, no training loop: the bare step (inject, loss, backward) timed in a plain loop, for our path
     (shared prefix auto / on / off) and for the HF full-logits forward PEFT does (prompt concatenated, logits for
@@ -99,6 +110,21 @@ def direct_phase(base, work, args, device: torch.device, out: Path) -> list[dict
         labels = torch.cat([labels.new_full((ids.shape[0], args.virtual_tokens), -100), labels], 1)
         base.model(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss.backward()
 
+    def ops_per_step(fn, t) -> dict[str, int]:
+        """Operators one step dispatches (views and allocations not counted), and on CUDA the kernels it
+        launches: what a launch-bound step's fixed cost scales with."""
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=activities) as prof:
+            fn(t)
+            speed.sync(device)
+        prompt.grad = None
+        events = prof.key_averages()
+        ops = sum(e.count for e in events if e.key.startswith("aten::") and e.key not in NOT_COMPUTE)
+        kernels = sum(e.count for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+        return {"ops_per_step": ops, **({"kernels_per_step": kernels} if device.type == "cuda" else {})}
+
     rows = []
     saved = base.shared_prefix
     variants = [("ours (auto)", None, ours), ("ours shared", True, ours), ("ours plain", False, ours),
@@ -116,9 +142,9 @@ def direct_phase(base, work, args, device: torch.device, out: Path) -> list[dict
                 times.append(time.perf_counter() - t0)
                 tokens += int(t["attention_mask"].sum())
         rows.append({"name": name, "dataset": work.name, "tokens_per_s": tokens / sum(times),
-                     "median_step_s": statistics.median(times)})
-        print(f"  direct {name:38s} {rows[-1]['tokens_per_s']:10.0f} tok/s  median step {rows[-1]['median_step_s']:.4f}s",
-              flush=True)
+                     "median_step_s": statistics.median(times), **ops_per_step(fn, batches[-1])})
+        print(f"  direct {name:38s} {rows[-1]['tokens_per_s']:10.0f} tok/s  median step {rows[-1]['median_step_s']:.4f}s"
+              f"  {rows[-1]['ops_per_step']} ops", flush=True)
     base.shared_prefix = saved
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
@@ -230,11 +256,12 @@ def main(argv: list[str] | None = None) -> dict:
             (out / "gpu_speed.json").write_text(json.dumps(report, indent=2, default=str))  # partial results survive a timeout
     report["wall_s"] = time.perf_counter() - started
     (out / "gpu_speed.json").write_text(json.dumps(report, indent=2, default=str))
-    direct = "".join(f"| {r['dataset']} | {r['name']} | {r['tokens_per_s']:.0f} | {r['median_step_s']:.4f} |\n"
-                     for r in report.get("direct", []))
+    direct = "".join(f"| {r['dataset']} | {r['name']} | {r['tokens_per_s']:.0f} | {r['median_step_s']:.4f} | "
+                     f"{r['ops_per_step']} | {r.get('kernels_per_step', '-')} |\n" for r in report.get("direct", []))
     if direct:
         direct = ("\nBare steps (no threads, no training loop; same model, same length-sorted batches):\n\n"
-                  "| dataset | path | tokens/s | median step s |\n|---|---|---:|---:|\n" + direct)
+                  "| dataset | path | tokens/s | median step s | ops / step | CUDA kernels / step |\n"
+                  "|---|---|---:|---:|---:|---:|\n" + direct)
     (out / "gpu_speed.md").write_text(f"Shape {args.shape}: {n_params / 1e9:.2f} B non-embedding params, "
                                       f"batch {args.batch_size}, {args.virtual_tokens} virtual tokens.\n\n"
                                       + speed.markdown(report) + direct)

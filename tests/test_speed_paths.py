@@ -275,6 +275,11 @@ def test_gpu_bench_runs_tiny_on_cpu(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((out / "gpu_speed.json").read_text())
     assert any(r["name"].startswith("softprompt") for r in report["runs"])
+    # The GPU default (plain path) must stay launch-lean: per step, about the operators HF's own forward
+    # dispatches (a per-row or per-layer Python loop would multiply them).
+    ops = {(r["dataset"], r["name"]): r["ops_per_step"] for r in report["direct"]}
+    for dataset in ("cls", "lm"):
+        assert 0 < ops[dataset, "ours plain"] <= 1.2 * ops[dataset, "hf full logits (PEFT's computation)"], ops
 
 
 def test_gpu_script_is_wired_to_the_python_bench():
