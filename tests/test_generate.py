@@ -56,3 +56,16 @@ def test_generate_applies_the_prompts_template_and_stop(tiny_base, tmp_path):
         stop = full[1:3]
         cut = generate("Review: the", None, base=tiny_base, max_new_tokens=12, stop=[stop])
         assert cut == full[: full.index(stop)]
+
+
+def test_a_stop_string_ends_an_answer_only_once_it_has_begun(tiny_base):
+    from softprompt.generate import _hits_stop, cut_at_stop
+
+    assert cut_at_stop("\nThe answer.\nMore", ["\n"]) == "\nThe answer."
+    assert cut_at_stop("answer\n\nmore", ["\n\n", "\n"]) == "answer"
+    assert cut_at_stop(" \n ", ["\n"]) == " \n "  # only whitespace so far: nothing to cut yet
+    assert cut_at_stop("no stop here", ["\n"]) == "no stop here"
+    tok = tiny_base.tokenizer
+    ids = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    assert not _hits_stop(tok, ids("\n"), ["\n"])  # generation goes on past a leading newline ...
+    assert _hits_stop(tok, ids("\nthe film\n"), ["\n"])  # ... and stops at the one after the answer

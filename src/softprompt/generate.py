@@ -135,12 +135,18 @@ def as_list(x) -> list:
 
 
 def _hits_stop(tok, ids: list[int], stop: Sequence[str]) -> bool:
-    tail = tok.decode(ids[-16:], skip_special_tokens=True)
-    return any(s in tail for s in stop)
+    if not any(s in tok.decode(ids[-16:], skip_special_tokens=True) for s in stop):
+        return False  # the cheap check first: most tokens end nothing
+    text = tok.decode(ids, skip_special_tokens=True)
+    return len(cut_at_stop(text, stop)) < len(text)
 
 
 def cut_at_stop(text: str, stop: Sequence[str]) -> str:
-    cuts = [text.index(s) for s in stop if s in text]
+    """`text` up to its first stop string. A stop string ends an answer once it has begun: in the leading
+    whitespace it does not count (a model that opens with "\nThe answer" is not answering ""). The server
+    follows OpenAI's literal rule instead (scheduler.py)."""
+    start = len(text) - len(text.lstrip())
+    cuts = [i for i in (text.find(s, start) for s in stop) if i >= 0]
     return text[: min(cuts)] if cuts else text
 
 

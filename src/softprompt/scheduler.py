@@ -421,7 +421,7 @@ class Scheduler:
         self.stats["generated_tokens"] += 1
         text = self.base.tokenizer.decode(s.generated, skip_special_tokens=True)
         stops = s.params.stop
-        if stops:
+        if stops:  # OpenAI's rule: a stop string ends the text wherever it appears, even first
             start = max(0, len(s.emitted) - max(len(x) for x in stops))
             hits = [i for i in (text.find(x, start) for x in stops) if i >= 0]
             if hits:
