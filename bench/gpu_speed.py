@@ -89,8 +89,11 @@ def direct_phase(base, work, args, device: torch.device, out: Path) -> list[dict
     """No threads, no training loop: the bare step (inject, loss, backward) timed in a plain loop, for our path
     (shared prefix auto / on / off) and for the HF full-logits forward PEFT does (prompt concatenated, logits for
     every position, HF's loss), on the same model and the same length-sorted batches. Separates the cost of
-    the path from the cost of loops and harness; a profile of our step goes to OUT/profile-<workload>.txt."""
+    the path from the cost of loops and harness; counts each path's operators per step; a profile of our
+    step goes to OUT/profile-<workload>.txt."""
     import statistics
+
+    from torch.profiler import ProfilerActivity, profile
 
     from softprompt.data import collate, epoch_batches
 
@@ -110,17 +113,20 @@ def direct_phase(base, work, args, device: torch.device, out: Path) -> list[dict
         labels = torch.cat([labels.new_full((ids.shape[0], args.virtual_tokens), -100), labels], 1)
         base.model(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss.backward()
 
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+
+    def profiled(fn, steps):
+        with profile(activities=activities) as prof:
+            for t in steps:
+                fn(t)
+                speed.sync(device)
+                prompt.grad = None
+        return prof.key_averages()
+
     def ops_per_step(fn, t) -> dict[str, int]:
         """Operators one step dispatches (views and allocations not counted), and on CUDA the kernels it
         launches: what a launch-bound step's fixed cost scales with."""
-        from torch.profiler import ProfilerActivity, profile
-
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-        with profile(activities=activities) as prof:
-            fn(t)
-            speed.sync(device)
-        prompt.grad = None
-        events = prof.key_averages()
+        events = profiled(fn, [t])
         ops = sum(e.count for e in events if e.key.startswith("aten::") and e.key not in NOT_COMPUTE)
         kernels = sum(e.count for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
         return {"ops_per_step": ops, **({"kernels_per_step": kernels} if device.type == "cuda" else {})}
@@ -147,15 +153,7 @@ def direct_phase(base, work, args, device: torch.device, out: Path) -> list[dict
               f"  {rows[-1]['ops_per_step']} ops", flush=True)
     base.shared_prefix = saved
     if args.profile:
-        from torch.profiler import ProfilerActivity, profile
-
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-        with profile(activities=activities) as prof:
-            for t in batches[-2:]:
-                ours(t)
-                speed.sync(device)
-                prompt.grad = None
-        table = prof.key_averages()
+        table = profiled(ours, batches[-2:])
         text = [f"ours (auto), 2 steps of {work.name}\n"]
         if device.type == "cuda":
             text.append(table.table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=60))
