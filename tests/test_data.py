@@ -91,6 +91,16 @@ def test_long_rows_are_truncated_from_the_left_with_a_warning(tiny_base):
     assert len(e.input_ids) == 8 and e.input_ids[-len(answer):] == answer
 
 
+def test_an_over_long_lm_text_keeps_its_start_and_the_warning_says_so(tiny_base):
+    enc = Encoder(tiny_base.tokenizer, Template(input="", output="{text}"), max_length=8)
+    text = "one two three four five six seven eight nine ten eleven twelve"
+    with pytest.warns(UserWarning, match="1 rows were cut at the end: their output alone is longer than 8 tokens") as caught:
+        e = enc.encode_rows([{"text": text}, {"text": "short"}])[0]
+    assert not any("from the left" in str(w.message) for w in caught)
+    full = enc.input_ids("") + enc.output_ids(text)
+    assert e.input_ids == full[:8]
+
+
 def test_collate_pads_right():
     from softprompt.data import Encoded
 

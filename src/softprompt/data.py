@@ -168,7 +168,8 @@ class Encoder:
     template: Template
     max_length: int = 1024  # tokens per row, virtual tokens not counted
     append_eos: bool = True
-    truncated: int = field(default=0, init=False)
+    truncated: int = field(default=0, init=False)  # rows whose input lost its start
+    answers_cut: int = field(default=0, init=False)  # rows whose output (LM: the text) alone was too long: end cut
 
     def input_ids(self, text: str) -> list[int]:
         if self.template.chat:
@@ -190,10 +191,13 @@ class Encoder:
         # Too long: keep the answer, drop the start of the input (left truncation), and count it.
         overflow = len(input_ids) + len(output_ids) - self.max_length
         if overflow > 0:
-            self.truncated += 1
             cut = min(overflow, len(input_ids))
             input_ids = input_ids[cut:]
-            output_ids = output_ids[: self.max_length - len(input_ids)]
+            if len(output_ids) > self.max_length - len(input_ids):
+                self.answers_cut += 1
+                output_ids = output_ids[: self.max_length - len(input_ids)]
+            else:
+                self.truncated += 1
         labels = [-100] * len(input_ids) + output_ids
         if not input_ids:
             # Nothing precedes the first token without a prompt: leave it unscored so that tuned and untuned
@@ -212,8 +216,11 @@ class Encoder:
             out.append(self.encode_pair(ids_in, ids_out))
         if self.truncated:
             warnings.warn(f"{source}: {self.truncated} rows longer than {self.max_length} tokens were truncated "
-                          "from the left of the input", stacklevel=2)
-            self.truncated = 0
+                          "from the left of the input (the answer is kept)", stacklevel=2)
+        if self.answers_cut:
+            warnings.warn(f"{source}: {self.answers_cut} rows were cut at the end: their output alone is longer than "
+                          f"{self.max_length} tokens (--max-length raises the limit)", stacklevel=2)
+        self.truncated = self.answers_cut = 0
         return out
 
 
