@@ -69,3 +69,22 @@ def test_a_stop_string_ends_an_answer_only_once_it_has_begun(tiny_base):
     ids = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     assert not _hits_stop(tok, ids("\n"), ["\n"])  # generation goes on past a leading newline ...
     assert _hits_stop(tok, ids("\nthe film\n"), ["\n"])  # ... and stops at the one after the answer
+
+
+def test_an_empty_input_continues_from_an_input_prompt_and_is_a_clear_error_otherwise(tiny_base):
+    import pytest
+
+    from softprompt.errors import SoftPromptError
+
+    torch.manual_seed(0)
+    flat = torch.randn(4, tiny_base.hidden_size) * 0.02
+    deep = torch.randn(4, *tiny_base.kv_shape) * 0.1
+    # From nothing, the first token is the input-embedding prompt's own prediction: the naive forward's argmax.
+    first = tiny_base.forward(tiny_base.prepend_prompts(torch.zeros(1, 0, dtype=torch.long),
+                                                        torch.zeros(1, 0, dtype=torch.long), flat)).logits[0, -1]
+    top = int(first.argmax())
+    assert generate_ids(tiny_base, [[]], flat, max_new_tokens=1) == ([[]] if top == tiny_base.tokenizer.eos_token_id else [[top]])
+    for prompts in (None, deep, [flat, deep]):
+        with pytest.raises(SoftPromptError, match="empty input"):
+            generate_ids(tiny_base, [[5], []], prompts, max_new_tokens=2)
+    assert len(generate_ids(tiny_base, [[5], []], [deep, flat], max_new_tokens=2)) == 2

@@ -15,7 +15,7 @@ import torch
 
 from .data import Encoder, Template
 from .errors import SoftPromptError
-from .model import BaseModel, cache_of, load_model
+from .model import BaseModel, cache_of, load_model, split_prompts
 from .prompt import SoftPrompt
 
 PromptLike = SoftPrompt | torch.Tensor | None
@@ -77,8 +77,14 @@ def generate_ids(
     """Token ids in, new token ids out (EOS and stop strings cut off), one list per row."""
     if not inputs:
         return []
-    if any(not row for row in inputs) and prompts is None:
-        raise SoftPromptError("empty input: give some text to continue")
+    if any(not row for row in inputs):
+        # The first new token is read from the last position: with no input that must be a virtual token. A deep
+        # prompt has none (it is keys/values only), and neither has a row without a prompt.
+        shallow, _ = split_prompts(prompts)
+        per_row = [shallow] * len(inputs) if shallow is None or isinstance(shallow, torch.Tensor) else list(shallow)
+        if any(not row and p is None for row, p in zip(inputs, per_row)):
+            raise SoftPromptError("empty input: give some text to continue (only an input-embedding soft prompt "
+                                  "can be continued from nothing; a deep prompt or no prompt cannot)")
     tok = base.tokenizer
     eos = {t for t in [tok.eos_token_id, *(as_list(getattr(base.model.generation_config, "eos_token_id", None)))] if t is not None}
     ids, mask = _left_pad(inputs, tok.pad_token_id)
