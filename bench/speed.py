@@ -27,6 +27,9 @@ Configurations (`--configs`):
   softprompt-fp32   frozen base in fp32 (on CUDA, where auto is bf16)
   peft-fp32         PEFT PromptTuning + HF Trainer as its docs show (fp32 default, random batches, dynamic padding)
   peft-bf16         the same with TrainingArguments(bf16=True) (autocast)
+  peft-fp32-guide   peft-fp32 with the preprocessing of PEFT's prompt-based-methods guide: every row left-padded to
+                    one fixed max_length (here the workload's longest row, so nothing is truncated) and
+                    `default_data_collator`, instead of the kinder dynamic padding
 
 Writes OUT/speed.json and OUT/speed.md (a markdown table; BENCHMARKS.md quotes it).
 """
@@ -56,7 +59,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-DEFAULT_CONFIGS = "softprompt,softprompt-plain,softprompt-bf16,peft-fp32,peft-bf16"
+DEFAULT_CONFIGS = "softprompt,softprompt-plain,softprompt-bf16,peft-fp32,peft-fp32-guide,peft-bf16"
 
 
 # ---- machine ---------------------------------------------------------------------------------------
@@ -205,7 +208,7 @@ class Stepper:
     run: Callable[[Callable[[], None]], None]  # run(gate): trains, calling gate() after every step
     device: torch.device
     weights_bytes: int = 0
-    counts: dict = field(default_factory=lambda: {"tokens": 0, "labelled": 0, "examples": 0})
+    counts: dict = field(default_factory=lambda: {"tokens": 0, "labelled": 0, "examples": 0, "positions": 0})
     _go: threading.Semaphore = field(default_factory=lambda: threading.Semaphore(0))
     _done: queue.Queue = field(default_factory=queue.Queue)
     _stop: bool = False
@@ -259,6 +262,7 @@ class Stepper:
 
 def count_inputs(counts: dict, attention_mask: torch.Tensor, labels: torch.Tensor | None) -> None:
     counts["tokens"] += int(attention_mask.sum())
+    counts["positions"] += attention_mask.numel()  # padded input positions (virtual tokens not included)
     counts["examples"] += int(attention_mask.shape[0])
     if labels is not None:
         counts["labelled"] += int((labels != -100).sum())
@@ -318,14 +322,22 @@ def softprompt_stepper(name: str, base, work: Workload, args, out: Path, shared_
     return stepper
 
 
-def peft_stepper(name: str, hf_model, tokenizer, work: Workload, args, out: Path, bf16: bool) -> Stepper:
+def peft_stepper(name: str, hf_model, tokenizer, work: Workload, args, out: Path, bf16: bool,
+                 fixed_padding: bool = False) -> Stepper:
     from peft import PromptTuningConfig, TaskType, get_peft_model
-    from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments, default_data_collator
 
     peft_model = get_peft_model(hf_model, PromptTuningConfig(task_type=TaskType.CAUSAL_LM,
                                                              num_virtual_tokens=args.virtual_tokens))
     rows = [{"input_ids": e.input_ids, "attention_mask": [1] * len(e.input_ids), "labels": e.labels}
             for e in work.encoded]
+    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+    if fixed_padding:  # the guide: pad every row on the left to one max_length, then default_data_collator
+        width = max(len(r["input_ids"]) for r in rows)
+        rows = [{"input_ids": torch.tensor([tokenizer.pad_token_id] * (width - len(r["input_ids"])) + r["input_ids"]),
+                 "attention_mask": torch.tensor([0] * (width - len(r["input_ids"])) + r["attention_mask"]),
+                 "labels": torch.tensor([-100] * (width - len(r["input_ids"])) + r["labels"])} for r in rows]
+        collator = default_data_collator
     stepper: Stepper | None = None
 
     def count_hook(module, a, kwargs):
@@ -342,8 +354,7 @@ def peft_stepper(name: str, hf_model, tokenizer, work: Workload, args, out: Path
             learning_rate=0.03, max_steps=args.warmup + args.steps + args.memory_steps + 5, save_strategy="no", report_to=[],
             logging_steps=10**6, disable_tqdm=True, bf16=bf16, use_cpu=hf_model.device.type == "cpu", seed=0,
             dataloader_num_workers=0)
-        trainer = Trainer(model=peft_model, args=targs, train_dataset=rows, callbacks=[Gate()],
-                          data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100))
+        trainer = Trainer(model=peft_model, args=targs, train_dataset=rows, callbacks=[Gate()], data_collator=collator)
         try:
             trainer.train()
         finally:
@@ -463,12 +474,13 @@ def build_steppers(configs: list[str], folder: str, work: Workload, args, out: P
             if key not in bases:
                 bases[key] = load_model(folder, dtype=dtype, device=str(device))
             steppers.append(softprompt_stepper(name, bases[key], work, args, out, shared_prefix=shared_prefix_for(name)))
-        elif name.startswith("peft"):
+        elif name in ("peft-fp32", "peft-bf16", "peft-fp32-guide"):
             hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device)
             tok = AutoTokenizer.from_pretrained(folder)
             if tok.pad_token_id is None:
                 tok.pad_token = tok.eos_token
-            steppers.append(peft_stepper(name, hf, tok, work, args, out, bf16=name == "peft-bf16"))
+            steppers.append(peft_stepper(name, hf, tok, work, args, out, bf16=name == "peft-bf16",
+                                         fixed_padding=name == "peft-fp32-guide"))
         else:
             raise SystemExit(f"unknown config {name!r}")
     return steppers
@@ -520,6 +532,7 @@ def summarise(name: str, dataset: str, samples: list[dict], stepper: Stepper, fl
         "tokens_per_s": tokens / seconds, "examples_per_s": examples / seconds,
         "median_step_s": statistics.median(s["seconds"] for s in samples),
         "tokens_per_step": tokens / len(samples),
+        "positions_per_token": sum(s["positions"] for s in samples) / max(tokens, 1),
         "model_tflops": flops / seconds / 1e12,
         "mfu_vs_bf16_peak": flops / seconds / peaks["bfloat16"],
         "mfu_vs_fp32_peak": flops / seconds / peaks["float32"],
@@ -535,9 +548,9 @@ def summarise(name: str, dataset: str, samples: list[dict], stepper: Stepper, fl
 
 def markdown(report: dict) -> str:
     peaks = report["peaks_tflops"]
-    lines = ["| dataset | config | tokens/s | examples/s | x PEFT fp32 | x PEFT bf16 | MFU (bf16 peak) | MFU (best peak) "
-             "| step peak MiB | + weights MiB |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| dataset | config | tokens/s | examples/s | x PEFT fp32 | x PEFT fp32 guide | x PEFT bf16 | MFU (bf16 peak) "
+             "| MFU (best peak) | step peak MiB | + weights MiB |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for ds in dict.fromkeys(r["dataset"] for r in report["runs"]):
         rows = [r for r in report["runs"] if r["dataset"] == ds]
         ref = {r["name"]: r["tokens_per_s"] for r in rows}
@@ -546,7 +559,7 @@ def markdown(report: dict) -> str:
                 return f"{r['tokens_per_s'] / ref[other]:.2f}" if other in ref else "-"
             mem = f"{r['step_peak_mib']:.0f}" if r["step_peak_mib"] is not None else "-"
             lines.append(f"| {ds} | {r['name']} | {r['tokens_per_s']:.0f} | {r['examples_per_s']:.1f} | "
-                         f"{ratio('peft-fp32')} | {ratio('peft-bf16')} | {100 * r['mfu_vs_bf16_peak']:.0f}% | "
+                         f"{ratio('peft-fp32')} | {ratio('peft-fp32-guide')} | {ratio('peft-bf16')} | {100 * r['mfu_vs_bf16_peak']:.0f}% | "
                          f"{100 * r['mfu_vs_best_peak']:.0f}% | {mem} | {r['weights_mib']:.0f} |")
     lines.append("")
     lines.append(f"Measured matmul peak: fp32 {peaks['float32']:.2f} TFLOP/s, bf16 {peaks['bfloat16']:.2f} TFLOP/s "

@@ -261,8 +261,11 @@ def test_speed_bench_runs_tiny(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((out / "speed.json").read_text())
     names = {r["name"] for r in report["runs"]}
-    assert {"softprompt", "peft-fp32"} <= names
+    assert {"softprompt", "peft-fp32", "peft-fp32-guide"} <= names
     assert (out / "speed.md").read_text().startswith("|")
+    # The guide's fixed-length padding computes more positions per real token than dynamic padding, never fewer.
+    pos = {r["name"]: r for r in report["runs"] if r["dataset"] == "sst2"}
+    assert pos["peft-fp32-guide"]["positions_per_token"] >= pos["peft-fp32"]["positions_per_token"]
 
 
 
