@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> dict:
             data_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
             tpl = Template(input="" if template.get("lm") else template["input_template"],
                            output=template["output_template"])
-            encoded = Encoder(tokenizer, tpl, max_length=args.max_length).encode_rows(rows, wl)
+            encoded = Encoder(tokenizer, tpl, max_length=args.max_length, score_first=True).encode_rows(rows, wl)
             work = speed.Workload(wl, data_file, template, encoded)
             steppers = []
             for name in configs:

@@ -306,7 +306,8 @@ def run_task(base, task: Task, data_dir: Path, out: Path, budget: Budget, model_
     sp = train_softprompt(base, task, train_file, folder / "softprompt", budget, snaps)
     print(f"[{task.name}] softprompt: {sp['steps']} steps in {sp['wall_s']:.0f}s", file=sys.stderr, flush=True)
     max_length = min(512, base.max_positions - 20)
-    examples = Encoder(base.tokenizer, template, max_length=max_length).encode_rows(train_rows, str(train_file))
+    # PEFT trains the same tokens softprompt trains (an LM text's first token too: its prompt sits in front).
+    examples = Encoder(base.tokenizer, template, max_length=max_length, score_first=True).encode_rows(train_rows, str(train_file))
     pf = train_peft(base, examples, model_arg, task, budget, peft_time * sp["wall_s"], folder / "peft",
                     sp["wall_s"] / snaps if snaps else None)
     print(f"[{task.name}] PEFT: {pf['steps']} steps in {pf['wall_s']:.0f}s", file=sys.stderr, flush=True)

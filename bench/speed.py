@@ -392,7 +392,7 @@ def load_workloads(names: list[str], tokenizer, args, tmp: Path) -> list[Workloa
         data_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
         tpl = Template(input="" if template.get("lm") else template["input_template"],
                        output=template["output_template"], label_map=template.get("label_map"))
-        encoded = Encoder(tokenizer, tpl, max_length=args.max_length).encode_rows(rows, str(path))
+        encoded = Encoder(tokenizer, tpl, max_length=args.max_length, score_first=True).encode_rows(rows, str(path))
         out.append(Workload(name, data_file, template, encoded))
     return out
 

@@ -136,6 +136,28 @@ def test_lm_mode_trains_on_a_corpus(tiny_base, tmp_path):
     assert r.prompt.template["input"] == ""
 
 
+def test_an_lm_prompt_learns_how_texts_begin(tiny_base, tmp_path):
+    # With no input, a text's first token is predicted by the last virtual token (PEFT trains it too): a prompt
+    # trained on texts that all open with "great" starts a text from nothing with "great".
+    from softprompt.data import Encoder, Template
+    from softprompt.generate import generate_ids
+
+    corpus = tmp_path / "texts.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"great . the plot was superb {i}"}) + "\n" for i in range(16)))
+    first = tiny_base.tokenizer("great")["input_ids"][0]
+    enc = Encoder(tiny_base.tokenizer, Template(input="", output="{text}"), score_first=True)
+    assert enc.encode_rows([{"text": "great film"}])[0].labels[0] == first
+    assert Encoder(tiny_base.tokenizer, Template(input="", output="{text}")).encode_rows([{"text": "great film"}])[0].labels[0] == -100
+    r = train(base=tiny_base, data=str(corpus), output=str(tmp_path / "lm"), lm=True, steps=30, batch_size=4, lr=0.3,
+              virtual_tokens=4, progress=False)
+    assert generate_ids(tiny_base, [[]], r.prompt, max_new_tokens=1) == [[first]]
+    # A deep prompt has no virtual position to predict from: the first token stays unscored, and training works.
+    d = train(base=tiny_base, data=str(corpus), output=str(tmp_path / "deep"), lm=True, deep=True, steps=10,
+              batch_size=4, lr=0.05, virtual_tokens=4, progress=False)
+    log = [json.loads(line)["loss"] for line in (tmp_path / "deep" / "metrics.jsonl").read_text().splitlines()]
+    assert log[-1] < log[0] and d.prompt.is_deep
+
+
 def test_schedule_warms_up_then_decays():
     cfg = TrainConfig(data="x", output="y", lr=1.0, warmup=10, schedule="cosine")
     lrs = [lr_at(s, cfg, 100) for s in range(100)]

@@ -168,6 +168,9 @@ class Encoder:
     template: Template
     max_length: int = 1024  # tokens per row, virtual tokens not counted
     append_eos: bool = True
+    # A row with no input: its first token is predicted by the last virtual token when an input-embedding prompt
+    # is in front (training: PEFT trains it too); without one (untuned, deep prompt) nothing precedes it.
+    score_first: bool = False
     truncated: int = field(default=0, init=False)  # rows whose input lost its start
     answers_cut: int = field(default=0, init=False)  # rows whose output (LM: the text) alone was too long: end cut
 
@@ -199,9 +202,9 @@ class Encoder:
             else:
                 self.truncated += 1
         labels = [-100] * len(input_ids) + output_ids
-        if not input_ids:
-            # Nothing precedes the first token without a prompt: leave it unscored so that tuned and untuned
-            # losses cover the same tokens.
+        if not input_ids and not self.score_first:
+            # Nothing precedes the first token without a prompt: evaluation leaves it unscored so that tuned and
+            # untuned losses cover the same tokens.
             labels[0] = -100
         return Encoded(input_ids + output_ids, labels, len(input_ids))
 

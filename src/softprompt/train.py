@@ -110,7 +110,7 @@ def train(config: TrainConfig | dict | None = None, /, *, base: BaseModel | None
     if cfg.fsdp:
         shard_frozen_base(base.model, world)
     max_length = min(cfg.max_length, base.max_positions - cfg.virtual_tokens)
-    examples = Encoder(base.tokenizer, template, max_length=max_length).encode_rows(train_rows, cfg.data)
+    examples = Encoder(base.tokenizer, template, max_length=max_length, score_first=not cfg.deep).encode_rows(train_rows, cfg.data)
     valset = prepare_eval(base, template, val_rows, source=cfg.validation, max_length=max_length) if val_rows else None
     labels = valset.labels if valset else label_set(template, train_rows)
 
