@@ -122,6 +122,27 @@ def test_prefix_cache_computed_once_per_prompt(base, prompt_objs):
     assert sched.stats["prefix_cache_misses"] == 1 and sched.stats["prefix_cache_hits"] >= len(TEXTS)
 
 
+def test_an_empty_input_continues_from_the_prompt_alone_and_in_a_mixed_batch(base, prompt_objs):
+    e = {name: entry(name, p) for name, p in prompt_objs.items()}
+    want = {name: reference(base, "", p, 6) for name, p in prompt_objs.items()}
+    assert ids_of(base, "") == []  # the tiny tokenizer adds no BOS: the row really has no token
+    sched = Scheduler(base, autostart=False)  # every row empty: no forward at all, the prefixes are the past
+    alone = [Sequence([], greedy(6), e[n], lambda ev: None) for n in PROMPTS]
+    sched.submit(alone)
+    sched.run_until_idle()
+    assert [s.generated for s in alone] == [want[n] for n in PROMPTS]
+    sched = Scheduler(base, autostart=False)  # mixed with rows that have text, and a row without a prompt
+    mixed = [Sequence([], greedy(6), e["mid"], lambda ev: None),
+             Sequence(ids_of(base, TEXTS[0]), greedy(6), e["long"], lambda ev: None),
+             Sequence(ids_of(base, TEXTS[1]), greedy(6), None, lambda ev: None),
+             Sequence([], greedy(6), e["long"], lambda ev: None)]
+    sched.submit(mixed)
+    sched.run_until_idle()
+    assert mixed[0].generated == want["mid"] and mixed[3].generated == want["long"]
+    assert mixed[1].generated == reference(base, TEXTS[0], prompt_objs["long"], 6)
+    assert mixed[2].generated == reference(base, TEXTS[1], None, 6)
+
+
 def test_sampling_seeded_and_stop_strings_in_scheduler(base, prompt_objs):
     e = entry("long", prompt_objs["long"])
     sampled = []
@@ -248,6 +269,12 @@ def test_streaming_matches_and_chat(client, base, prompt_objs):
     assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == want
 
 
+def test_an_empty_prompt_is_answered_from_the_soft_prompt(client, base, prompt_objs):
+    r = post(client, {"model": "tiny:mid", "prompt": "", "max_tokens": 5, "temperature": 0})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] == decode(base, reference(base, "", prompt_objs["mid"], 5))
+
+
 def test_stop_seed_n_and_list_prompts(client, base):
     full = post(client, {"model": "tiny:mid", "prompt": TEXTS[1], "max_tokens": 12, "temperature": 0}).json()
     text = full["choices"][0]["text"]
@@ -311,7 +338,7 @@ def test_malformed_bodies(client, body, status, needle):
     ({"model": "tiny:nope"}, 404, "not found"),
     ({"model": "other-model"}, 404, "not found"),
     ({"model": "tiny:../short"}, 404, "not found"),
-    ({"prompt": ""}, 400, "prompt is empty"),
+    ({"model": "tiny", "prompt": ""}, 400, "prompt is empty: only an input-embedding soft prompt"),
     ({"prompt": []}, 400, "prompt is empty"),
     ({"prompt": None}, 400, "prompt is required"),
     ({"prompt": 5}, 400, "prompt: expected a string"),

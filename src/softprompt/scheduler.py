@@ -53,6 +53,7 @@ class PromptEntry:
     version: int = 0
     meta: dict = field(default_factory=dict)
     kv: list[tuple[torch.Tensor, torch.Tensor]] | None = field(default=None, repr=False)  # prefix cache, per layer
+    next_logits: torch.Tensor | None = field(default=None, repr=False)  # [V] the last virtual token's prediction
 
     @property
     def n_virtual_tokens(self) -> int:
@@ -307,6 +308,7 @@ class Scheduler:
             out = self.base.model(inputs_embeds=emb, attention_mask=torch.ones(1, n, dtype=torch.long, device=emb.device),
                                   position_ids=torch.arange(n, device=emb.device)[None], use_cache=True, **self._extra)
             entry.kv = [(k.clone(), v.clone()) for k, v in _layers(cache_of(out))]
+            entry.next_logits = out.logits[0, -1].clone()  # what an empty input continues from
         return entry.kv
 
     def _prefill(self, seqs: list[Sequence]) -> None:
@@ -334,7 +336,13 @@ class Scheduler:
                 vs = [_left_pad(p[li][1] if p else rv[:, :, :0], pmax) for p in prefixes]
                 layers.append((torch.cat(ks), torch.cat(vs)))
             cache = _make_cache(layers)
-        logits, out_cache = self._forward(ids, mask, pos, cache)
+        if tmax:
+            logits, out_cache = self._forward(ids, mask, pos, cache)
+        else:  # every row empty: nothing to run, the prefixes are the whole past
+            logits, out_cache = torch.stack([s.prompt.next_logits for s in seqs]), cache
+        for i, s in enumerate(seqs):
+            if not tlen[i]:  # an empty input continues from its prompt's last virtual token (input-embedding prompts only)
+                logits[i] = s.prompt.next_logits
         self.stats["prefills"] += 1
         self.stats["prefill_rows"] += n
         self.stats["prompt_tokens"] += sum(tlen)

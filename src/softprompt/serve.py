@@ -344,8 +344,9 @@ def create_app(base: BaseModel, prompts_dir: str | os.PathLike | None, config: S
     def check_lengths(inputs: list[list[int]], req: GenRequest, entry: PromptEntry | None) -> None:
         virtual = entry.n_virtual_tokens if entry else 0
         for ids in inputs:
-            if not ids:
-                raise ApiError(400, "prompt is empty after tokenisation", param="prompt", code="empty_prompt")
+            if not ids and (entry is None or entry.embeddings.dim() != 2):
+                raise ApiError(400, "prompt is empty: only an input-embedding soft prompt can be continued from "
+                                    "nothing (not the base model, not a deep prompt)", param="prompt", code="empty_prompt")
             if len(ids) > cfg.max_input_tokens:
                 raise ApiError(400, f"the input is {len(ids)} tokens, over this server's limit of {cfg.max_input_tokens} "
                                     "(--max-input-tokens)", param="prompt" if req.kind == "completion" else "messages",

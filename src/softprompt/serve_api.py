@@ -195,8 +195,6 @@ def parse_completion(body: dict, limits: Limits) -> GenRequest:
         raise ApiError(400, "prompt is empty", param="prompt", code="empty_prompt")
     else:
         raise _bad("prompt", "expected a string, an array of strings or an array of token ids")
-    if any(not t for t in req.texts):
-        raise ApiError(400, "prompt is empty", param="prompt", code="empty_prompt")
     if len(req.texts) > limits.max_prompts_per_request:
         raise ApiError(400, f"prompt: {len(req.texts)} prompts in one request, over this server's limit of "
                             f"{limits.max_prompts_per_request}", param="prompt", code="limit_exceeded")
