@@ -1,6 +1,8 @@
+import pytest
 import torch
 
 from softprompt import SoftPrompt, generate
+from softprompt.errors import SoftPromptError
 from softprompt.generate import generate_ids
 
 
@@ -72,10 +74,6 @@ def test_a_stop_string_ends_an_answer_only_once_it_has_begun(tiny_base):
 
 
 def test_an_empty_input_continues_from_an_input_prompt_and_is_a_clear_error_otherwise(tiny_base):
-    import pytest
-
-    from softprompt.errors import SoftPromptError
-
     torch.manual_seed(0)
     flat = torch.randn(4, tiny_base.hidden_size) * 0.02
     deep = torch.randn(4, *tiny_base.kv_shape) * 0.1
