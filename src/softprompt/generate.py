@@ -77,10 +77,6 @@ def generate_ids(
     """Token ids in, new token ids out (EOS and stop strings cut off), one list per row."""
     if not inputs:
         return []
-    if isinstance(prompts, SoftPrompt):
-        prompts = prompts.embeddings
-    elif prompts is not None and not isinstance(prompts, torch.Tensor):
-        prompts = [p.embeddings if isinstance(p, SoftPrompt) else p for p in prompts]
     if any(not row for row in inputs):
         # The first new token is read from the last position: with no input that must be a virtual token. A deep
         # prompt has none (it is keys/values only), and neither has a row without a prompt.

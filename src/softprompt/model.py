@@ -651,6 +651,7 @@ def split_prompts(prompts):
     None, one tensor for all rows, or a per-row list with None where a row has no prompt of that kind."""
     if prompts is None:
         return None, None
+    prompts = getattr(prompts, "embeddings", prompts)  # one SoftPrompt for every row
     if isinstance(prompts, torch.Tensor):
         return (prompts, None) if prompts.dim() == 2 else (None, prompts)
     tensors = [p.embeddings if hasattr(p, "embeddings") else p for p in prompts]

@@ -336,13 +336,14 @@ class Scheduler:
                 vs = [_left_pad(p[li][1] if p else rv[:, :, :0], pmax) for p in prefixes]
                 layers.append((torch.cat(ks), torch.cat(vs)))
             cache = _make_cache(layers)
+        # An empty input continues from its prompt's last virtual token (input-embedding prompts only).
         if tmax:
             logits, out_cache = self._forward(ids, mask, pos, cache)
+            for i, s in enumerate(seqs):
+                if not tlen[i]:
+                    logits[i] = s.prompt.next_logits
         else:  # every row empty: nothing to run, the prefixes are the whole past
             logits, out_cache = torch.stack([s.prompt.next_logits for s in seqs]), cache
-        for i, s in enumerate(seqs):
-            if not tlen[i]:  # an empty input continues from its prompt's last virtual token (input-embedding prompts only)
-                logits[i] = s.prompt.next_logits
         self.stats["prefills"] += 1
         self.stats["prefill_rows"] += n
         self.stats["prompt_tokens"] += sum(tlen)
