@@ -23,6 +23,7 @@ import random
 import sys
 import tempfile
 import time
+from types import SimpleNamespace
 from pathlib import Path
 
 import torch
@@ -220,7 +221,8 @@ def main(argv: list[str] | None = None) -> dict:
             steppers = []
             for name in configs:
                 if name.startswith("softprompt"):
-                    dtype = pick_dtype({"softprompt-bf16": "bfloat16", "softprompt-fp32": "float32"}.get(name, "auto"), device)
+                    dtype, _ = pick_dtype({"softprompt-bf16": "bfloat16", "softprompt-fp32": "float32"}.get(name, "auto"),
+                                          device, SimpleNamespace(**SHAPES[args.shape]))
                     if dtype not in bases:
                         bases[dtype] = BaseModel(build_model(args.shape, device, dtype), tokenizer, f"random-{args.shape}")
                     steppers.append(speed.softprompt_stepper(name, bases[dtype], work, args, tmp,

@@ -470,7 +470,9 @@ def build_steppers(configs: list[str], folder: str, work: Workload, args, out: P
     for name in configs:
         if name.startswith("softprompt"):
             dtype = {"softprompt-bf16": "bfloat16", "softprompt-fp32": "float32"}.get(name, "auto")
-            key = str(pick_dtype(dtype, device))
+            from transformers import AutoConfig
+
+            key = str(pick_dtype(dtype, device, AutoConfig.from_pretrained(folder))[0])
             if key not in bases:
                 bases[key] = load_model(folder, dtype=dtype, device=str(device))
             steppers.append(softprompt_stepper(name, bases[key], work, args, out, shared_prefix=shared_prefix_for(name)))

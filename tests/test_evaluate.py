@@ -41,6 +41,32 @@ def test_multi_token_labels_and_batch_independence(tiny_base):
     assert set(result["predictions"]) <= {" very positive", " very negative"}
 
 
+def test_one_input_pass_label_scores_equal_pair_by_pair_scoring(tiny_base):
+    """Multi-token labels of different lengths, scored behind each input's cached keys/values, give the same
+    log-likelihoods as scoring every (row, label) pair on its own: no prompt, an input-embedding prompt, a deep
+    prompt, and a different prompt per row (ensembles)."""
+    from softprompt.scoring import label_log_likelihoods
+
+    rows = [{"input": r["input"], "output": {"positive": "good", "negative": "very very bad"}[r["output"]]}
+            for r in sentiment_rows(9, 5)]
+    rows[0]["output"] = "so so"
+    evalset = prepare(tiny_base, SENTIMENT, rows)
+    lengths = sorted(len(ids) for ids in evalset.label_ids)
+    assert evalset.kind == "classification" and lengths[0] < lengths[-1] and lengths[-1] > 2
+    shallow = SoftPrompt.initialise(tiny_base, 3, "random", seed=1)
+    deep = SoftPrompt.initialise(tiny_base, 2, "vocab", seed=2, deep=True)
+    deep.embeddings.data += 0.1 * torch.randn_like(deep.embeddings)
+    for p in (None, shallow.embeddings, deep.embeddings):
+        one_pass = label_scores(tiny_base, p, evalset, batch_size=4)
+        pairs = _pair_label_scores(tiny_base, p, evalset, 5, False)
+        torch.testing.assert_close(one_pass, pairs, atol=1e-4, rtol=1e-4)
+    mixed = [shallow.embeddings if i % 2 else None for i in range(len(rows))]
+    per_row = label_log_likelihoods(tiny_base, evalset.inputs, evalset.label_ids, mixed, batch_size=4)
+    for i in range(len(rows)):
+        alone = _pair_label_scores(tiny_base, mixed[i], prepare(tiny_base, SENTIMENT, [rows[i]], labels=evalset.labels), 5, False)
+        torch.testing.assert_close(per_row[i], alone[0], atol=1e-4, rtol=1e-4)
+
+
 def test_classification_metrics():
     assert accuracy([0, 0, 1, 1], [0, 1, 1, 1]) == 0.75
     # class 0: F1 2/3, class 1: F1 4/5 -> macro (2/3 + 4/5) / 2

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
+import time
 import warnings
+
+_STARTED = time.perf_counter()  # a --time-budget counts the user's whole wait: imports and model loading too
 
 from .config import TrainConfig, add_dataclass_args, cli_text, config_from_args
 from .errors import SoftPromptError
@@ -18,7 +22,7 @@ def _cmd_train(args) -> int:
     cfg = config_from_args(TrainConfig, args)
     _say(f"loading model {cfg.model or 'embedded SmolLM2-135M-Instruct'} ...")
     try:
-        result = train(cfg)
+        result = train(cfg, started_at=_STARTED)
     except KeyboardInterrupt:
         _say(f"interrupted: checkpoint saved in {cfg.output}; continue with --resume")
         return 130
@@ -51,7 +55,7 @@ def _cmd_eval(args) -> int:
                       output_template=args.output_template, label_map=args.label_map, chat=args.chat,
                       limit=args.limit, batch_size=args.batch_size, dtype=args.dtype, device=args.device,
                       progress=not args.json and not args.no_progress, task=args.task,
-                      baselines=args.baselines if args.baselines is not None else ("auto" if prompts else ()),
+                      baselines=args.baselines or (),
                       instruction=args.instruction, shots=args.shots, shots_from=args.shots_from, seed=args.seed,
                       max_new_tokens=args.max_new_tokens, stop=args.stop, max_length=args.max_length)
     if args.json:
@@ -61,6 +65,9 @@ def _cmd_eval(args) -> int:
         print(json.dumps(out))
         return 0
     print(format_table(result))
+    if prompts and not args.baselines:
+        _say("(the prompt alone; --baselines all adds the untuned model, a hand-written instruction and k-shot "
+             "on the same rows)")
     return 0
 
 
@@ -165,7 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", default="auto", choices=["auto", "classification", "generation", "lm"],
                    help="auto: lm for an empty input template, classification for a small label set, else generation")
     p.add_argument("--baselines", help="comma list of untuned, instruction, kshot; 'all' (those whose inputs are "
-                   "available) or 'none' (default with --prompt: all)")
+                   "available) or 'none' (the default: a quick check scores the prompt alone; without --prompt "
+                   "the untuned model is scored)")
     p.add_argument("--instruction", type=cli_text, help="hand-written instruction placed before each input (default: the prompt's "
                    "--init-text, if any)")
     p.add_argument("--shots", type=int, default=4, help="examples in the k-shot baseline (default: 4)")
@@ -253,8 +261,32 @@ def _say(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
+class _StderrHandler(logging.Handler):
+    """Writes to whatever sys.stderr is at the time (not the stream of the first call: tests swap it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            print(self.format(record), file=sys.stderr, flush=True)
+        except Exception:  # noqa: BLE001 - logging must never break a command
+            self.handleError(record)
+
+
+def _log_to_stderr() -> None:
+    """The library logs what it decided (e.g. the measured dtype) to the `softprompt` logger; the CLI shows it."""
+    logger = logging.getLogger("softprompt")
+    if os.environ.get("RANK", "0") != "0" or any(getattr(h, "_softprompt", False) for h in logger.handlers):
+        return
+    handler = _StderrHandler()
+    handler.setFormatter(logging.Formatter("softprompt: %(message)s"))
+    handler._softprompt = True
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
 def main(argv: list[str] | None = None) -> int:
     warnings.formatwarning = lambda msg, cat, *a, **k: f"softprompt: warning: {msg}\n"
+    _log_to_stderr()
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     args = build_parser().parse_args(argv)
     debug = bool(os.environ.get("SOFTPROMPT_DEBUG"))

@@ -33,7 +33,8 @@ class TrainConfig:
     output_template: str | None = opt(None, "how a row becomes the answer (default ' {output}'; '{output}' with --chat)", escapes=True)
     label_map: str | None = opt(None, "turn label values into words, e.g. 0=negative,1=positive")
     lm: bool = opt(False, "language modelling: no input, loss on the whole text (output template defaults to '{text}')")
-    chat: bool = opt(False, "wrap inputs in the tokenizer's chat template (instruct models)")
+    chat: bool | None = opt(None, "wrap inputs in the model's chat template (default: on when the model has one and "
+                               "rows have an input; --no-chat turns it off)")
     system: str | None = opt(None, "with --chat: the system message (default: the chat template's own, if it has one)", escapes=True)
     virtual_tokens: int = opt(20, "number of trainable virtual tokens")
     init: str = opt("vocab", "initialisation: random | vocab | text | labels | prompt")
@@ -43,7 +44,11 @@ class TrainConfig:
     reparam: str | None = opt(None, "train through an encoder: mlp | lstm (P-tuning) | residual (Residual Prompt Tuning); the artifact stays plain embeddings")
     reparam_hidden: int = opt(0, "hidden size of the reparameterisation encoder (0: the model's hidden size)")
     steps: int | None = opt(None, "optimizer steps (overrides --epochs)")
-    epochs: float = opt(3.0, "passes over the training data when --steps is not given")
+    epochs: float | None = opt(None, "passes over the training data when --steps is not given")
+    time_budget: str | None = opt(None, "wall-clock budget for the whole run (model loading included), e.g. 90s, 10m, "
+                                  "1.5h: the first steps are timed, then the step count is fixed so that warmup and "
+                                  "decay still fit. Default run length, when none of --steps, --epochs, "
+                                  "--time-budget is given: 3 epochs, at most 10 minutes")
     batch_size: int = opt(16, "examples per optimizer step (global, over all processes and accumulation)")
     grad_accum: int = opt(1, "split each step's batch into this many micro-batches (saves memory, same result)")
     lr: float | None = opt(None, "peak learning rate (default 0.1; 0.01 with --deep or --reparam; 1e-5 with both: keys/values and encoder weights need smaller steps; prompt tuning needs far higher rates than fine-tuning)")
@@ -114,7 +119,7 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, positional: tuple[s
         help_text = f.metadata.get("help", "") + ("" if default in (None, False) else f" (default: {default})")
         help_text = help_text.replace("%", "%%")  # argparse formats help strings with %
         typ = hints[f.name]
-        if typ is bool:
+        if typ is bool or set(get_args(typ)) == {bool, type(None)}:  # --x / --no-x (unset: None, the default)
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
             args = [a for a in get_args(typ) if a is not type(None)]

@@ -131,7 +131,9 @@ class Template:
         return _format(self.input, self._mapped(row), where)
 
     def render_output(self, row: dict[str, Any], where: str = "row") -> str:
-        return _format(self.output, self._mapped(row), where)
+        text = _format(self.output, self._mapped(row), where)
+        # The assistant turn starts the answer: " positive" (inline data's usual leading space) is "positive" there.
+        return text.lstrip() if self.chat else text
 
     def _mapped(self, row: dict[str, Any]) -> dict[str, Any]:
         if not self.label_map:

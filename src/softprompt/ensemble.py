@@ -7,11 +7,10 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
-from .data import Encoded, collate
-from .evaluate import EvalSet, _prompt_tensor
+from .evaluate import EvalSet, _prompt_tensor, label_scores
 from .model import BaseModel
+from .scoring import label_log_likelihoods
 
 
 @torch.no_grad()
@@ -19,26 +18,17 @@ def ensemble_label_scores(base: BaseModel, prompts: Sequence, evalset: EvalSet, 
                           progress: bool = False) -> torch.Tensor:
     """Log-likelihood of every label after every input under every prompt: [prompts, rows, labels].
 
-    All (prompt, row, label) triples go through the same batches, each row with its own prompt: the
-    mixed-prompt batching the server uses, so K prompts cost one pass over K times the rows.
+    All (prompt, row) pairs go through the same batches, each row with its own prompt (the mixed-prompt batching
+    the server uses), every label scored behind the row's cached input: K prompts cost one pass over K x rows.
     """
     assert evalset.label_ids is not None, "ensembles need a classification task (a small label set)"
     tensors = [_prompt_tensor(p) for p in prompts]
-    triples = [(k, i, j) for k in range(len(tensors)) for i in range(len(evalset.inputs))
-               for j in range(len(evalset.label_ids))]
-    triples.sort(key=lambda t: len(evalset.inputs[t[1]]) + len(evalset.label_ids[t[2]]))
-    scores = torch.empty(len(tensors), len(evalset.inputs), len(evalset.label_ids))
-    for s in tqdm(range(0, len(triples), batch_size), desc="ensemble", disable=not progress, leave=False):
-        chunk = triples[s:s + batch_size]
-        rows = [Encoded(evalset.inputs[i] + evalset.label_ids[j], [-100] * len(evalset.inputs[i]) + evalset.label_ids[j],
-                        len(evalset.inputs[i])) for _, i, j in chunk]
-        batch = collate(rows, base.tokenizer.pad_token_id)
-        prompted = base.prepend_prompts(batch["input_ids"], batch["attention_mask"], [tensors[k] for k, _, _ in chunk],
-                                        batch["labels"])
-        nll, _ = base.sequence_nll(prompted)
-        for (k, i, j), v in zip(chunk, nll.tolist()):
-            scores[k, i, j] = -v
-    return scores
+    if not (all(evalset.inputs) and base.has_plain_kv_cache):  # text-to-text models: prompt by prompt
+        return torch.stack([label_scores(base, t, evalset, batch_size, progress) for t in tensors])
+    n = len(evalset.inputs)
+    per_row = [t for t in tensors for _ in range(n)]  # prompt k's rows, then prompt k+1's
+    flat = label_log_likelihoods(base, evalset.inputs * len(tensors), evalset.label_ids, per_row, batch_size, progress)
+    return flat.view(len(tensors), n, len(evalset.label_ids))
 
 
 def combine(scores: torch.Tensor, how: str = "mean") -> torch.Tensor:

@@ -28,6 +28,7 @@ from .errors import SoftPromptError
 from .metrics import accuracy, generation_metrics, macro_f1
 from .model import BaseModel, load_model
 from .prompt import SoftPrompt
+from .scoring import label_log_likelihoods
 
 TASKS = ("auto", "classification", "generation", "lm")
 BASELINES = ("untuned", "instruction", "kshot")
@@ -176,12 +177,16 @@ def label_scores(base: BaseModel, prompt, evalset: EvalSet, batch_size: int = 32
     """Total log-likelihood of each candidate label after each input: [rows, labels].
 
     When every label is one token, one forward per row reads all of them from the last position's
-    distribution; otherwise each (row, label) pair is scored by `sequence_nll`.
+    distribution; labels of several tokens run behind each input's cached keys/values (one input pass, see
+    scoring.py); text-to-text models and caches that cannot be copied score each (row, label) pair by
+    `sequence_nll`.
     """
     assert evalset.label_ids is not None
     tensor = _prompt_tensor(prompt)
     if _single_token_ok(evalset) and not base.is_encoder_decoder:
         return _single_token_label_scores(base, tensor, evalset, batch_size, progress)
+    if all(evalset.inputs) and base.has_plain_kv_cache:
+        return label_log_likelihoods(base, evalset.inputs, evalset.label_ids, tensor, batch_size, progress)
     return _pair_label_scores(base, tensor, evalset, batch_size, progress)
 
 

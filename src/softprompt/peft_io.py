@@ -18,6 +18,9 @@ from .prompt import TENSOR_KEY, SoftPrompt, atomic_write, read_tensor
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
+# PEFT's config has no place for how inputs are formatted (template, chat template, system message), yet the
+# prompt only works with the format it was trained on: it travels beside the adapter and comes back on import.
+TEMPLATE_FILE = "softprompt_template.json"
 
 
 def export_peft(prompt: SoftPrompt | str | os.PathLike, output: str | os.PathLike, *, base_model: str | None = None,
@@ -65,7 +68,28 @@ def export_peft(prompt: SoftPrompt | str | os.PathLike, output: str | os.PathLik
     tensor = {TENSOR_KEY: flat.contiguous()}
     atomic_write(out / PEFT_WEIGHTS, lambda tmp: save_file(tensor, str(tmp), metadata={"format": "pt"}))
     atomic_write(out / PEFT_CONFIG, lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n"))
+    if prompt.template:
+        atomic_write(out / TEMPLATE_FILE, lambda tmp: tmp.write_text(json.dumps(prompt.template, indent=2) + "\n"))
+        atomic_write(out / "README.md", lambda tmp: tmp.write_text(usage_note(prompt.template)))
     return out
+
+
+def usage_note(template: dict) -> str:
+    """How to format inputs for this adapter in plain transformers + PEFT: the prompt was trained on this format."""
+    system = template.get("system")
+    messages = ([f'{{"role": "system", "content": {json.dumps(system)}}}, '] if system else []) + [
+        '{"role": "user", "content": text}']
+    if template.get("chat"):
+        fmt = (f"text = {json.dumps(template.get('input', '{input}'))}.format(**row)\n"
+               f"prompt = tokenizer.apply_chat_template([{''.join(messages)}], tokenize=False, add_generation_prompt=True)\n"
+               "inputs = tokenizer(prompt, add_special_tokens=False, return_tensors='pt')")
+    else:
+        fmt = (f"prompt = {json.dumps(template.get('input', '{input}'))}.format(**row)\n"
+               "inputs = tokenizer(prompt, return_tensors='pt')")
+    return ("# Soft prompt exported by softprompt\n\nLoad with `PeftModel.from_pretrained(base, this_folder)`. The prompt "
+            "was trained on inputs formatted like this (`softprompt_template.json` holds the same):\n\n"
+            f"```python\n{fmt}\n```\n\nThe answer follows as `{template.get('output')}` (label map: "
+            f"{template.get('label_map')}).\n")
 
 
 def read_peft_prompt(directory: str | os.PathLike) -> SoftPrompt:
@@ -98,12 +122,20 @@ def read_peft_prompt(directory: str | os.PathLike) -> SoftPrompt:
         emb = emb.reshape(emb.shape[0], 2 * layers, width)
         meta["base"] = {"source": config.get("base_model_name_or_path")}
         meta["kv_layout"] = {"kv_heads": config.get("num_attention_heads")}
+    if (directory / TEMPLATE_FILE).exists():
+        try:
+            template = json.loads((directory / TEMPLATE_FILE).read_text())
+        except (OSError, ValueError) as e:
+            raise SoftPromptError(f"{directory / TEMPLATE_FILE}: cannot read ({e})") from None
+        if not isinstance(template, dict):
+            raise SoftPromptError(f"{directory / TEMPLATE_FILE}: expected a JSON object (the input template)")
+        meta["template"] = template
     return SoftPrompt(emb, meta)
 
 
 def import_peft(adapter_dir: str | os.PathLike, output: str | os.PathLike, *, template: dict | None = None) -> Path:
     """Convert a PEFT adapter directory into a softprompt artifact directory."""
-    prompt = read_peft_prompt(adapter_dir)
+    prompt = read_peft_prompt(adapter_dir)  # keeps an exported template
     if template:
         prompt.meta["template"] = template
     return prompt.save(output)

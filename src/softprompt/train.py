@@ -8,6 +8,7 @@ is a pure function of (seed, e): a checkpoint needs only the prompt, Adam's mome
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from dataclasses import asdict, dataclass, replace
@@ -19,6 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from .budget import BudgetPlanner, RunLength
 from .evaluate import prepare as prepare_eval, score
 from .config import TrainConfig, from_kwargs
 from .distributed import World, init_world, shard_frozen_base
@@ -37,7 +39,9 @@ PLOT = "loss.png"
 DEFAULT_LR = {(False, False): 0.1, (True, False): 0.01, (False, True): 0.01, (True, True): 1e-5}
 # Changing these between a run and its resume would silently change the training: refuse instead.
 RESUME_KEYS = ("data", "batch_size", "grad_accum", "seed", "virtual_tokens", "init", "deep", "reparam", "lr", "schedule", "warmup",
-               "input_template", "output_template", "label_map", "lm", "chat", "system", "max_length", "steps", "epochs")
+               "input_template", "output_template", "label_map", "lm", "chat", "system", "max_length", "steps", "epochs",
+               "time_budget")
+log = logging.getLogger("softprompt")
 
 
 @dataclass
@@ -70,13 +74,16 @@ def lr_at(step: int, cfg: TrainConfig, total: int) -> float:
 
 
 def train(config: TrainConfig | dict | None = None, /, *, base: BaseModel | None = None,
-          on_step: Callable[[int, dict], None] | None = None, **kwargs) -> TrainResult:
+          on_step: Callable[[int, dict], None] | None = None, started_at: float | None = None,
+          **kwargs) -> TrainResult:
     """Train a soft prompt on a frozen model and write its artifact to `output`.
 
     Accepts a TrainConfig, a dict, or its fields as keyword arguments: `train(data=..., output=...)`.
     `base` reuses an already loaded model; `on_step(step, metrics)` is called after every step, the metrics
-    holding also "prompt": the current prompt tensor (detached; a snapshot needs a copy).
+    holding also "prompt": the current prompt tensor (detached; a snapshot needs a copy). `started_at`
+    (time.perf_counter()) is when the user's wait began, for a time budget (default: this call).
     """
+    entered = time.perf_counter()  # a --time-budget counts from here: model loading is part of the user's wait
     cfg = from_kwargs(TrainConfig, config, **kwargs)
     if cfg.lr is None:
         cfg = replace(cfg, lr=DEFAULT_LR[cfg.deep, bool(cfg.reparam)])
@@ -90,10 +97,12 @@ def train(config: TrainConfig | dict | None = None, /, *, base: BaseModel | None
         raise SoftPromptError(f"{out} already holds a run; pass --resume to continue it or --overwrite to start over")
     if cfg.batch_size < 1 or cfg.grad_accum < 1 or cfg.batch_size % cfg.grad_accum:
         raise SoftPromptError("batch_size must be a positive multiple of grad_accum")
-    if cfg.system is not None and not (cfg.chat and not cfg.lm):
+    if cfg.save_every < 1:
+        raise SoftPromptError(f"save_every must be >= 1, got {cfg.save_every}")
+    if cfg.system is not None and (cfg.chat is False or cfg.lm):
         raise SoftPromptError("system: a system message needs --chat (it goes into the chat template); "
                               "without --chat put the text in --input-template")
-    template = template_from(cfg)
+    RunLength.from_config(cfg.steps, cfg.epochs, cfg.time_budget, 1)  # a bad --steps / --time-budget fails early
     train_rows = read_rows(cfg.data)
     val_rows = read_rows(cfg.validation) if cfg.validation else None
     if cfg.eval_limit and val_rows:
@@ -105,6 +114,11 @@ def train(config: TrainConfig | dict | None = None, /, *, base: BaseModel | None
                               f"({world.size} x {cfg.grad_accum}); batch_size is the global batch")
     base = base or load_model(cfg.model, dtype=cfg.dtype, device=device, trust_remote_code=cfg.trust_remote_code,
                               quantize=cfg.quantize)
+    cfg = replace(cfg, chat=resolve_chat(cfg, base))
+    if cfg.system is not None and not cfg.chat:
+        raise SoftPromptError(f"system: a system message needs --chat, and model {base.source!r} has no chat "
+                              "template to put it in; put the text in --input-template instead")
+    template = template_from(cfg)
     if cfg.activation_checkpointing:
         base.enable_activation_checkpointing()
     if cfg.fsdp:
@@ -123,14 +137,17 @@ def train(config: TrainConfig | dict | None = None, /, *, base: BaseModel | None
     prompt = prompt.to(base.device)
     optimizer = torch.optim.AdamW(list(prompt.parameters()), lr=cfg.lr, weight_decay=cfg.weight_decay)
     lengths = [len(e.input_ids) for e in examples]
-    steps_per_epoch = math.ceil(len(examples) / cfg.batch_size)
-    total = cfg.steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
-    eval_every = cfg.eval_every or max(1, total // 10)
+    length = RunLength.from_config(cfg.steps, cfg.epochs, cfg.time_budget, math.ceil(len(examples) / cfg.batch_size))
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "examples": 0, "tokens": 0, "elapsed": 0.0,
-             "best_step": None, "best_metric": None, "last_loss": None}
+             "best_step": None, "best_metric": None, "last_loss": None, **length.initial_state()}
     best = prompt().detach().clone()
     if cfg.resume:
         best = _load_checkpoint(ckpt_path, cfg, prompt, optimizer, state)
+    planner = BudgetPlanner(length, (started_at if started_at is not None else entered) - state["elapsed"])
+    dtype = base.dtype_choice.to_dict() if base.dtype_choice else {"dtype": str(base.dtype).removeprefix("torch.")}
+    if world.is_main:
+        log.info("run length: %s%s; %s", length.how, "" if length.budget_s is None else
+                 " (the step count is fixed after timing the first steps)", "chat template on" if cfg.chat else "no chat template")
     if world.is_main:  # only process 0 writes: checkpoints, log, artifact
         out.mkdir(parents=True, exist_ok=True)
         _trim_log(out / LOG, state["step"])
@@ -141,15 +158,18 @@ def train(config: TrainConfig | dict | None = None, /, *, base: BaseModel | None
         world.barrier()
 
     pad_id = base.tokenizer.pad_token_id
-    bar = tqdm(total=total, initial=state["step"], desc="train", disable=not (cfg.progress and world.is_main),
+    bar = tqdm(total=state["total"], initial=state["step"], desc="train", disable=not (cfg.progress and world.is_main),
                dynamic_ncols=True)
     started = time.perf_counter() - state["elapsed"]
+    first_record = True
     try:
-        while state["step"] < total:
+        while state["step"] < state["total"]:
             batches = epoch_batches(lengths, cfg.batch_size, seed=cfg.seed, epoch=state["epoch"])
             for indices in batches[state["batch_in_epoch"]:]:
-                if state["step"] >= total:
+                if state["step"] >= state["total"]:
                     break
+                total = state["total"]
+                eval_every = cfg.eval_every or max(1, total // 10)
                 t0 = time.perf_counter()
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(state["step"], cfg, total)
@@ -161,10 +181,16 @@ def train(config: TrainConfig | dict | None = None, /, *, base: BaseModel | None
                 state["tokens"] += tokens
                 state["last_loss"] = loss
                 state["elapsed"] = time.perf_counter() - started
+                step_s = time.perf_counter() - t0
                 record = {"step": state["step"], "epoch": state["epoch"], "loss": round(loss, 6),
-                          "lr": optimizer.param_groups[0]["lr"], "tokens_per_s": round(tokens / (time.perf_counter() - t0), 1),
+                          "lr": optimizer.param_groups[0]["lr"], "tokens_per_s": round(tokens / step_s, 1),
                           "elapsed_s": round(state["elapsed"], 2)}
+                if first_record:  # once per (re)start: what the numbers were measured with
+                    record.update(dtype=dtype["dtype"], planned_steps=total)
+                    first_record = False
+                eval_s = None
                 if valset and (state["step"] % eval_every == 0 or state["step"] == total):
+                    t_eval = time.perf_counter()
                     with torch.no_grad():
                         current = prompt().detach()
                     metrics = score(base, current, valset)
@@ -173,6 +199,15 @@ def train(config: TrainConfig | dict | None = None, /, *, base: BaseModel | None
                     if state["best_metric"] is None or value > state["best_metric"]:
                         state["best_metric"], state["best_step"] = value, state["step"]
                         best = current.clone()
+                    eval_s = time.perf_counter() - t_eval
+                planner.observe(step_s, eval_s)
+                said = planner.replan(state, time.perf_counter(), eval_every if valset else None)
+                if said:
+                    _agree_on_plan(world, state, base.device)
+                    bar.total = state["total"]
+                    record["planned_steps"] = state["total"]
+                    if world.is_main:
+                        log.info(said)
                 if world.is_main:
                     _append_log(out / LOG, record)
                 bar.update(1)
@@ -198,7 +233,8 @@ def train(config: TrainConfig | dict | None = None, /, *, base: BaseModel | None
     final.meta.update({
         "template": template.to_dict(),
         "training": {k: v for k, v in asdict(cfg).items() if k not in ("resume", "overwrite", "progress")},
-        "metrics": {"steps": state["step"], "examples_seen": state["examples"], "tokens_seen": state["tokens"],
+        "precision": dtype,
+        "metrics": {"steps": state["step"], "run_length": length.how, "examples_seen": state["examples"], "tokens_seen": state["tokens"],
                     "wall_time_s": round(state["elapsed"], 2), "final_train_loss": state["last_loss"],
                     "best_step": state["best_step"],
                     **({"best_val_" + ("accuracy" if valset.labels else "neg_loss"): state["best_metric"]} if valset else {})},
@@ -208,6 +244,23 @@ def train(config: TrainConfig | dict | None = None, /, *, base: BaseModel | None
         _plot(out / LOG, out / PLOT)
     world.barrier()
     return TrainResult(final, out, final.meta["metrics"])
+
+
+def resolve_chat(cfg: TrainConfig, base: BaseModel) -> bool:
+    """--chat unset: on when the model has a chat template and rows have an input (an instruct model answers
+    best in the format it was tuned on; measured in BENCHMARKS.md); never for --lm corpora."""
+    if cfg.chat is not None:
+        return bool(cfg.chat) and not cfg.lm
+    return not cfg.lm and bool(cfg.input_template) and bool(getattr(base.tokenizer, "chat_template", None))
+
+
+def _agree_on_plan(world: World, state: dict, device: torch.device) -> None:
+    """Every process must run the same steps: process 0's plan (total, next planning step) is the plan."""
+    if not world.active:
+        return
+    mine = [float(state["total"]), -1.0 if state["next_plan"] is None else float(state["next_plan"])]
+    plan = world.all_reduce(torch.tensor(mine if world.is_main else [0.0, 0.0], device=device)).tolist()
+    state["total"], state["next_plan"] = int(plan[0]), None if plan[1] < 0 else int(plan[1])
 
 
 def _step(base: BaseModel, prompt: torch.nn.Module, optimizer, batch, cfg: TrainConfig, pad_id: int,

@@ -1,0 +1,247 @@
+"""Defaults that decide by themselves: the measured dtype, the time budget, the chat format, quick eval."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from conftest import write_jsonl, sentiment_rows
+from softprompt import SoftPromptError, load_model, train
+from softprompt import precision
+from softprompt.budget import BudgetPlanner, RunLength, parse_duration
+from softprompt.cli import main
+from softprompt.train import lr_at
+
+
+# ---- dtype auto --------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("SOFTPROMPT_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def fake_probe(monkeypatch, seconds: dict[str, float]):
+    calls = []
+
+    def probe(dtypes, hidden, ffn, device):
+        calls.append((hidden, ffn))
+        return {precision.NAMES[d]: seconds[precision.NAMES[d]] for d in dtypes}
+
+    monkeypatch.setattr(precision, "probe_seconds", probe)
+    return calls
+
+
+def test_auto_dtype_follows_the_measurement_and_is_cached_per_shape(cache_dir, monkeypatch):
+    cpu = torch.device("cpu")
+    calls = fake_probe(monkeypatch, {"float32": 2.0, "bfloat16": 1.0})  # a CPU with fast bf16
+    first = precision.choose_dtype(cpu, 64, 256)
+    assert first.dtype == "bfloat16" and first.speedup == 2.0 and not first.cached and "float32" in first.reason
+    again = precision.choose_dtype(cpu, 64, 256)
+    assert again.dtype == "bfloat16" and again.cached and len(calls) == 1  # measured once per machine + shape
+    assert (cache_dir / "dtype-probe.json").exists()
+    precision.choose_dtype(cpu, 128, 256)
+    assert len(calls) == 2  # another model shape is measured anew
+
+    calls = fake_probe(monkeypatch, {"float32": 1.0, "bfloat16": 0.9})  # bf16 barely faster: not worth its precision
+    assert precision.choose_dtype(cpu, 32, 32, use_cache=False).dtype == "float32"
+    fake_probe(monkeypatch, {"float32": 1.0, "bfloat16": 2.0})  # bf16 slower (a CPU without bf16 units)
+    slow = precision.choose_dtype(cpu, 32, 48, use_cache=False)
+    assert slow.dtype == "float32" and "0.50x" in slow.reason
+
+
+def test_a_broken_cache_file_only_means_measuring_again(cache_dir, monkeypatch):
+    cache_dir.mkdir(parents=True)
+    (cache_dir / "dtype-probe.json").write_text("{not json")
+    fake_probe(monkeypatch, {"float32": 3.0, "bfloat16": 1.0})
+    assert precision.choose_dtype(torch.device("cpu"), 64, 256).dtype == "bfloat16"
+    assert json.loads((cache_dir / "dtype-probe.json").read_text())  # rewritten whole
+
+
+def test_the_real_probe_runs_fast_and_returns_a_time_per_dtype():
+    times = precision.probe_seconds([torch.float32, torch.bfloat16], 64, 128, torch.device("cpu"))
+    assert set(times) == {"float32", "bfloat16"} and all(0 < t < 1 for t in times.values())
+
+
+def test_train_records_the_chosen_dtype(tiny_model_dir, sentiment_files, tmp_path, cache_dir, monkeypatch):
+    fake_probe(monkeypatch, {"float32": 2.0, "bfloat16": 1.0})
+    base = load_model(str(tiny_model_dir), device="cpu")  # dtype="auto"
+    assert base.dtype == torch.bfloat16 and base.dtype_choice.auto
+    result = train(base=base, data=str(sentiment_files[0]), output=str(tmp_path / "run"), steps=2, batch_size=8,
+                   virtual_tokens=3, progress=False)
+    assert result.prompt.embeddings.dtype == torch.float32  # the trainable prompt stays fp32
+    meta = json.loads((tmp_path / "run" / "softprompt.json").read_text())
+    assert meta["precision"]["dtype"] == "bfloat16" and meta["precision"]["auto"] is True
+    first = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["dtype"] == "bfloat16" and first["planned_steps"] == 2
+    assert load_model(str(tiny_model_dir), dtype="float32").dtype_choice.auto is False
+
+
+# ---- run length and the time budget --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text,seconds", [("90", 90), ("90s", 90), ("10m", 600), ("1.5h", 5400), ("1h30m", 5400)])
+def test_durations(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["soon", "10 minutes", "-5m", "0", "m"])
+def test_bad_durations_name_the_field(text):
+    with pytest.raises(SoftPromptError, match="time_budget"):
+        parse_duration(text)
+
+
+def test_default_run_length_is_three_epochs_within_ten_minutes():
+    length = RunLength.from_config(None, None, None, steps_per_epoch=500)
+    assert length.cap == 1500 and length.budget_s == 600 and "default" in length.how
+    assert RunLength.from_config(40, None, None, 500).budget_s is None  # --steps alone: exactly that
+    assert RunLength.from_config(None, 2.0, None, 500).cap == 1000
+    assert RunLength.from_config(None, None, "2m", 500).cap is None
+
+
+def test_budget_planner_fits_the_steps_into_the_budget_and_corrects_itself():
+    """A fake clock: 10 s of loading, then 1 s a step, 300 s budget; later the steps slow down to 2 s."""
+    length = RunLength(cap=None, budget_s=300.0, how="time budget 300s")
+    planner = BudgetPlanner(length, started=0.0)
+    state = {"step": 0, **length.initial_state()}
+    now = 10.0
+
+    def steps(n, seconds, eval_every=None, eval_s=None):
+        nonlocal now
+        said = None
+        for _ in range(n):
+            now += seconds
+            state["step"] += 1
+            planner.observe(seconds, None)
+            said = planner.replan(state, now, eval_every) or said
+        return said
+
+    assert steps(5, 1.0) is None and state["total"] == 1000  # still calibrating: a provisional total
+    assert "planned" in steps(1, 1.0)
+    assert state["total"] == 6 + int((284 * 0.97 - 2) / 1.0) == 279
+    first_next = state["next_plan"]
+    assert first_next == 6 + 273 // 3
+    steps(first_next - state["step"], 2.0)  # slower steps than measured: the plan shrinks to fit
+    mean = (5 * 1.0 + 91 * 2.0) / 96
+    assert state["total"] == 97 + int(((300 - 198) * 0.97 - 2) / mean) and state["total"] < 279
+    while state["next_plan"] is not None:
+        steps(1, 2.0)
+    assert now + 2.0 * (state["total"] - state["step"]) <= 300  # it ends inside the budget
+    # Validation passes to come are part of the cost of a step.
+    with_eval = BudgetPlanner(length, started=0.0, step_times=[1.0] * 7, eval_times=[20.0])
+    st = {"step": 7, "total": 1000, "next_plan": 6}
+    with_eval.replan(st, 17.0, eval_every=10)
+    assert st["total"] == 7 + int(((300 - 17) * 0.97 - 2 - 20) / 3.0)
+    capped = RunLength(cap=50, budget_s=1e6, how="x")
+    st = {"step": 6, "total": 50, "next_plan": 6}
+    BudgetPlanner(capped, started=0.0, step_times=[1.0] * 6).replan(st, 6.0, eval_every=None)
+    assert st["total"] == 50 and st["next_plan"] is None  # the epoch cap binds: nothing more to plan
+
+
+def test_time_budget_run_plans_its_steps_and_decays_to_zero(tiny_model_dir, tmp_path, monkeypatch):
+    """A fake clock (every reading 10 ms later) makes the run's timing, and so its plan, independent of load."""
+    import sys
+
+    train_module = sys.modules["softprompt.train"]
+
+    clock = {"t": 0.0}
+
+    def perf_counter():
+        clock["t"] += 0.01
+        return clock["t"]
+
+    monkeypatch.setattr(train_module, "time", type("FakeTime", (), {"perf_counter": staticmethod(perf_counter)}))
+    base = load_model(str(tiny_model_dir), dtype="float32")
+    data = write_jsonl(tmp_path / "train.jsonl", sentiment_rows(400, 1))
+    result = train(base=base, data=str(data), output=str(tmp_path / "run"), time_budget="4s", batch_size=8,
+                   virtual_tokens=3, progress=False, save_every=1000)
+    log = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    planned = [r["planned_steps"] for r in log if "planned_steps" in r]
+    assert planned[0] == 1000 and len(planned) >= 3  # a provisional total, then the plan and its corrections
+    assert planned[-1] == result.metrics["steps"] == len(log)
+    assert 40 < len(log) < 80 and log[-1]["elapsed_s"] < 4.0
+    assert log[-1]["lr"] < 0.05 * max(r["lr"] for r in log)  # the schedule still ends near zero
+    assert max(r["lr"] for r in log) > 0.09  # ... after reaching its peak (0.1)
+    assert result.metrics["run_length"] == "time budget 4s"
+
+
+def test_lr_schedule_warms_up_and_decays(tiny_model_dir):
+    from softprompt.config import TrainConfig
+
+    cfg = TrainConfig(data="x", output="y", lr=0.1)
+    lrs = [lr_at(s, cfg, 100) for s in range(100)]
+    assert lrs[0] < lrs[5] == pytest.approx(0.1) and lrs[-1] < 0.001
+
+
+# ---- the chat format by default ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def chat_model_dir(tiny_model_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    model = tmp_path / "tiny-chat"
+    shutil.copytree(tiny_model_dir, model)
+    tok = AutoTokenizer.from_pretrained(model)
+    tok.chat_template = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
+                         "{% if add_generation_prompt %}<s>assistant:{% endif %}")
+    tok.save_pretrained(model)
+    return model
+
+
+def test_chat_is_on_by_default_for_a_model_with_a_chat_template(chat_model_dir, sentiment_files, tmp_path):
+    base = load_model(str(chat_model_dir), dtype="float32")
+    common = dict(base=base, data=str(sentiment_files[0]), steps=1, batch_size=8, virtual_tokens=2, progress=False)
+    on = train(output=str(tmp_path / "on"), **common)
+    assert on.prompt.template["chat"] is True and on.prompt.template["output"] == "{output}"
+    off = train(output=str(tmp_path / "off"), chat=False, **common)
+    assert off.prompt.template["chat"] is False
+    lm = train(output=str(tmp_path / "lm"), lm=True, output_template="{input}", **common)
+    assert lm.prompt.template["chat"] is False  # a corpus has no user turn
+    # The CLI flag pair: --no-chat turns it off.
+    assert main(["train", "--data", str(sentiment_files[0]), "--output", str(tmp_path / "cli"), "--model",
+                 str(chat_model_dir), "--steps", "1", "--batch-size", "8", "--no-chat", "--no-progress"]) == 0
+    assert json.loads((tmp_path / "cli" / "softprompt.json").read_text())["template"]["chat"] is False
+
+
+def test_chat_answers_lose_the_inline_leading_space(chat_model_dir, tmp_path):
+    from softprompt.data import Encoder, Template
+
+    tok = load_model(str(chat_model_dir), dtype="float32").tokenizer
+    chat = Encoder(tok, Template(input="{input}", output=" {output}", chat=True))
+    plain = Encoder(tok, Template(input="{input}", output="{output}", chat=True))
+    row = {"input": "the film was great .", "output": "positive"}
+    assert chat.encode_rows([row]) == plain.encode_rows([row])
+
+
+def test_export_carries_the_template_and_import_brings_it_back(chat_model_dir, sentiment_files, tmp_path):
+    from softprompt import SoftPrompt, export_peft, import_peft
+
+    base = load_model(str(chat_model_dir), dtype="float32")
+    run = train(base=base, data=str(sentiment_files[0]), output=str(tmp_path / "run"), steps=1, batch_size=8,
+                virtual_tokens=2, progress=False, system="Be brief.")
+    export_peft(run.prompt, tmp_path / "peft")
+    assert "apply_chat_template" in (tmp_path / "peft" / "README.md").read_text()
+    assert SoftPrompt.load(tmp_path / "peft").template == run.prompt.template
+    import_peft(tmp_path / "peft", tmp_path / "back")
+    assert SoftPrompt.load(tmp_path / "back").template["system"] == "Be brief."
+
+
+# ---- quick eval -------------------------------------------------------------------------------------
+
+
+def test_eval_with_a_prompt_scores_the_prompt_alone_unless_baselines_are_asked(tiny_model_dir, sentiment_files,
+                                                                               tmp_path, capsys):
+    train_file, dev = sentiment_files
+    assert main(["train", "--data", str(train_file), "--output", str(tmp_path / "run"), "--model", str(tiny_model_dir),
+                 "--steps", "2", "--batch-size", "8", "--virtual-tokens", "3", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--prompt", str(tmp_path / "run"), "--data", str(dev), "--json"]) == 0
+    alone = json.loads(capsys.readouterr().out)
+    assert [s["system"] for s in alone["systems"]] == ["softprompt"]
+    assert main(["eval", "--prompt", str(tmp_path / "run"), "--data", str(dev), "--json", "--baselines", "untuned"]) == 0
+    assert [s["system"] for s in json.loads(capsys.readouterr().out)["systems"]] == ["untuned", "softprompt"]
