@@ -145,7 +145,7 @@ def test_evaluate_with_all_baselines_in_one_table(tiny_base, trained_prompt, sen
 
 def test_cli_eval_table_and_json(trained_prompt, sentiment_files, capsys):
     train_file, dev = sentiment_files
-    assert main(["eval", "--prompt", str(trained_prompt), "--data", str(dev), "--shots", "2",
+    assert main(["eval", "--prompt", str(trained_prompt), "--data", str(dev), "--shots", "2", "--baselines", "all",
                  "--shots-from", str(train_file), "--limit", "8", "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "untuned" in out and "2-shot" in out and "softprompt" in out and "accuracy" in out

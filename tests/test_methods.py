@@ -56,13 +56,14 @@ def test_reparam_resume_is_exact_encoder_included(tiny_base, sentiment_files, tm
 
 
 def test_transfer_init_from_our_prompt_and_from_peft(tiny_base, sentiment_files, tmp_path):
-    source = _run(tiny_base, sentiment_files, tmp_path / "source", steps=3)
+    source = _run(tiny_base, sentiment_files, tmp_path / "source", steps=3, deep=False)  # input embeddings
     again = SoftPrompt.initialise(tiny_base, 4, "prompt", init_prompt=str(tmp_path / "source"))
     assert torch.equal(again.embeddings, source.prompt.embeddings)
     export_peft(source.prompt, tmp_path / "peft")
     longer = SoftPrompt.initialise(tiny_base, 6, "prompt", init_prompt=str(tmp_path / "peft"))
     assert torch.equal(longer.embeddings[:4], source.prompt.embeddings) and torch.equal(longer.embeddings[4:], source.prompt.embeddings[:2])
-    target = _run(tiny_base, sentiment_files, tmp_path / "target", init="prompt", init_prompt=str(tmp_path / "source"), steps=2)
+    target = _run(tiny_base, sentiment_files, tmp_path / "target", init="prompt", init_prompt=str(tmp_path / "source"),
+                  steps=2, deep=False)
     assert target.prompt.meta["init"]["prompt"] == str(tmp_path / "source")
     with pytest.raises(SoftPromptError, match="needs init_prompt"):
         SoftPrompt.initialise(tiny_base, 4, "prompt")

@@ -40,7 +40,9 @@ class TrainConfig:
     init: str = opt("vocab", "initialisation: random | vocab | text | labels | prompt")
     init_text: str | None = opt(None, "text for --init text (also the hand-written baseline in eval)", escapes=True)
     init_prompt: str | None = opt(None, "for --init prompt: an existing prompt or PEFT adapter to start from (transfer, SPoT)")
-    deep: bool = opt(False, "deep prompt (Prefix-Tuning / P-tuning v2): train keys/values at every layer, not input embeddings")
+    deep: bool | None = opt(None, "deep prompt (Prefix-Tuning / P-tuning v2): train keys/values at every layer, not "
+                               "input embeddings (default: on for rows with an input on decoder-only models whose "
+                               "layers keep a plain key/value cache, without --reparam; off for --lm; --no-deep)")
     reparam: str | None = opt(None, "train through an encoder: mlp | lstm (P-tuning) | residual (Residual Prompt Tuning); the artifact stays plain embeddings")
     reparam_hidden: int = opt(0, "hidden size of the reparameterisation encoder (0: the model's hidden size)")
     steps: int | None = opt(None, "optimizer steps (overrides --epochs)")
@@ -51,7 +53,7 @@ class TrainConfig:
                                   "--time-budget is given: 3 epochs, at most 10 minutes")
     batch_size: int = opt(16, "examples per optimizer step (global, over all processes and accumulation)")
     grad_accum: int = opt(1, "split each step's batch into this many micro-batches (saves memory, same result)")
-    lr: float | None = opt(None, "peak learning rate (default 0.1; 0.01 with --deep or --reparam; 1e-5 with both: keys/values and encoder weights need smaller steps; prompt tuning needs far higher rates than fine-tuning)")
+    lr: float | None = opt(None, "peak learning rate (default 0.1; 0.01 for a deep prompt or with --reparam; 1e-5 with both: keys/values and encoder weights need smaller steps; prompt tuning needs far higher rates than fine-tuning)")
     warmup: float = opt(0.06, "warmup as a fraction of steps (<1) or a number of steps (>=1)")
     schedule: str = opt("cosine", "learning-rate schedule after warmup: cosine | linear | constant")
     weight_decay: float = opt(0.0, "AdamW weight decay on the prompt")

@@ -76,7 +76,8 @@ def run_demo(output: str = "runs/demo", steps: int | None = None, model: str | N
 
     result = train(base=base, data=str(out / "train.jsonl"), output=str(out / "prompt"), overwrite=True,
                    input_template=TEMPLATE, output_template=" {team}", virtual_tokens=10, init="labels",
-                   steps=steps or 100, batch_size=8, lr=0.03, seed=0)
+                   steps=steps or 100, batch_size=8, lr=0.03, seed=0,
+                   chat=False, deep=False)  # the untuned baseline's format, and the settings this demo was measured with
     after = score(base, result.prompt.embeddings, testset)
     print(f"demo: trained {result.metrics['steps']} steps on {result.metrics['examples_seen']} examples in "
           f"{result.metrics['wall_time_s']:.0f}s; the artifact {out / 'prompt'} is "
