@@ -11,7 +11,7 @@ import torch
 from conftest import write_jsonl, sentiment_rows
 from softprompt import SoftPromptError, load_model, train
 from softprompt import precision
-from softprompt.budget import BudgetPlanner, RunLength, parse_duration
+from softprompt.budget import END_RESERVE_S, SAFETY, BudgetPlanner, RunLength, parse_duration
 from softprompt.cli import main
 from softprompt.train import lr_at
 
@@ -122,12 +122,13 @@ def test_budget_planner_fits_the_steps_into_the_budget_and_corrects_itself():
 
     assert steps(5, 1.0) is None and state["total"] == 1000  # still calibrating: a provisional total
     assert "planned" in steps(1, 1.0)
-    assert state["total"] == 6 + int((284 * 0.97 - 2) / 1.0) == 279
-    first_next = state["next_plan"]
-    assert first_next == 6 + 273 // 3
-    steps(first_next - state["step"], 2.0)  # slower steps than measured: the plan shrinks to fit
-    mean = (5 * 1.0 + 91 * 2.0) / 96
-    assert state["total"] == 97 + int(((300 - 198) * 0.97 - 2) / mean) and state["total"] < 279
+    more = int((284 * SAFETY - END_RESERVE_S) / 1.0)
+    assert state["total"] == 6 + more and state["next_plan"] == 6 + more // 3
+    first_total, first_next = state["total"], state["next_plan"]
+    steps(first_next - 6, 2.0)  # slower steps than measured: the plan shrinks to fit
+    now_at, slow = 16 + 2.0 * (first_next - 6), first_next - 6
+    mean = (5 * 1.0 + slow * 2.0) / (5 + slow)
+    assert state["total"] == first_next + int(((300 - now_at) * SAFETY - END_RESERVE_S) / mean) < first_total
     while state["next_plan"] is not None:
         steps(1, 2.0)
     assert now + 2.0 * (state["total"] - state["step"]) <= 300  # it ends inside the budget
@@ -135,7 +136,7 @@ def test_budget_planner_fits_the_steps_into_the_budget_and_corrects_itself():
     with_eval = BudgetPlanner(length, started=0.0, step_times=[1.0] * 7, eval_times=[20.0])
     st = {"step": 7, "total": 1000, "next_plan": 6}
     with_eval.replan(st, 17.0, eval_every=10)
-    assert st["total"] == 7 + int(((300 - 17) * 0.97 - 2 - 20) / 3.0)
+    assert st["total"] == 7 + int(((300 - 17) * SAFETY - END_RESERVE_S - 20) / 3.0)
     capped = RunLength(cap=50, budget_s=1e6, how="x")
     st = {"step": 6, "total": 50, "next_plan": 6}
     BudgetPlanner(capped, started=0.0, step_times=[1.0] * 6).replan(st, 6.0, eval_every=None)

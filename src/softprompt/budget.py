@@ -19,7 +19,7 @@ DEFAULT_EPOCHS = 3.0
 DEFAULT_TIME_BUDGET = "10m"
 CALIBRATION_STEPS = 6  # timed before the total is fixed; the first step (one-off costs) is not counted
 SAFETY = 0.97  # plan to end a little before the deadline: step times wander
-END_RESERVE_S = 2.0  # writing the artifact and the plot
+END_RESERVE_S = 5.0  # writing the artifact and the plot; the interpreter's start before the clock could start
 
 
 def parse_duration(text: str | float | int, field_name: str = "time_budget") -> float:
@@ -103,7 +103,9 @@ class BudgetPlanner:
         capped = self.length.cap is not None and total >= self.length.cap
         state["total"] = self.length.cap if capped else total
         remaining = state["total"] - state["step"]
-        state["next_plan"] = None if capped or remaining < 3 * CALIBRATION_STEPS else state["step"] + remaining // 3
+        # The last eighth runs on the plan as it stands: a correction there would bend the decay for a second or two.
+        last = capped or remaining < max(3 * CALIBRATION_STEPS, state["total"] // 8)
+        state["next_plan"] = None if last else state["step"] + remaining // 3
         return (f"time budget {self.length.budget_s:.0f}s: {state['total']} steps planned at step {state['step']} "
                 f"({step_s:.3f}s a step" + (f", validation {eval_s:.1f}s a pass" if self.eval_times else "")
                 + (f"; capped at {self.length.cap}" if capped else "") + ")")
