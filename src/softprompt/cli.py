@@ -161,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "k-shot examples) on the same rows, and print one table (or --json).")
     p.add_argument("--prompt", action="append", help="prompt artifact or PEFT adapter directory (repeatable; "
                    "omit: the untuned model)")
-    p.add_argument("--data", required=True)
+    p.add_argument("--data", required=True, help="a data file, a Hugging Face dataset folder (FOLDER[@SPLIT]) or "
+                   "hf:ID[:CONFIG][@SPLIT] (README, Train)")
     p.add_argument("--task", default="auto", choices=["auto", "classification", "generation", "lm"],
                    help="auto: lm for an empty input template, classification for a small label set, else generation")
     p.add_argument("--baselines", help="comma list of untuned, instruction, kshot; 'all' (those whose inputs are "

@@ -25,10 +25,10 @@ def opt(default: Any, help: str, **kw) -> Any:
 
 @dataclass
 class TrainConfig:
-    data: str = opt(None, "training data: .jsonl/.json/.csv/.tsv/.parquet", required=True)
+    data: str = opt(None, "training data: .jsonl/.json/.csv/.tsv/.parquet, a Hugging Face dataset folder (FOLDER[@SPLIT]) or hf:ID[:CONFIG][@SPLIT]", required=True)
     output: str = opt(None, "artifact directory to write (prompt.safetensors, softprompt.json, log, plot)", required=True)
     model: str | None = opt(None, "hub id, local folder or .gguf file (default: embedded SmolLM2-135M-Instruct)")
-    validation: str | None = opt(None, "validation data, evaluated every --eval-every steps; the best prompt is kept")
+    validation: str | None = opt(None, "validation data (same forms as --data), evaluated every --eval-every steps; the best prompt is kept")
     input_template: str = opt("{input}", "how a row becomes the input text, e.g. 'Review: {sentence}\\nSentiment:'", escapes=True)
     output_template: str | None = opt(None, "how a row becomes the answer (default ' {output}'; '{output}' with --chat)", escapes=True)
     label_map: str | None = opt(None, "turn label values into words, e.g. 0=negative,1=positive")
