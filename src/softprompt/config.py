@@ -65,6 +65,8 @@ class TrainConfig:
     fsdp: bool = opt(False, "shard the frozen base's transformer blocks across processes (PyTorch FSDP2; launch with torchrun/accelerate)")
     trust_remote_code: bool = opt(False, "allow the model's own code from the hub (off by default)")
     progress: bool = opt(True, "show a progress bar")
+    report_to: str | None = opt(None, "also log loss, lr, tokens/s, validation metrics and the config to: tensorboard "
+                                      "(OUTPUT/tensorboard) and/or wandb (offline, OUTPUT/wandb); comma list")
 
 
 def from_kwargs(cls, config: Any = None, **kwargs) -> Any:

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import SoftPromptError
+from .progress import announce_loading
 
 if TYPE_CHECKING:
     from .prompt import SoftPrompt
@@ -87,6 +88,7 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return table[dtype]
 
 
+@announce_loading(EMBEDDED_MODEL)
 def load_model(
     model: str | os.PathLike | None = None,
     *,

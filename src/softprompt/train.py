@@ -27,6 +27,7 @@ from .errors import SoftPromptError
 from .model import BaseModel, load_model
 from .prompt import META_FILE, TENSOR_FILE, SoftPrompt, atomic_write
 from .reparam import ReparamPrompt
+from .trackers import Reporter
 
 CHECKPOINT = "checkpoint.safetensors"
 LOG = "metrics.jsonl"
@@ -94,6 +95,7 @@ def train(config: TrainConfig | dict | None = None, /, *, base: BaseModel | None
         raise SoftPromptError("system: a system message needs --chat (it goes into the chat template); "
                               "without --chat put the text in --input-template")
     template = template_from(cfg)
+    reporter = Reporter(cfg.report_to)  # a missing tracker package fails here, before the model loads
     train_rows = read_rows(cfg.data)
     val_rows = read_rows(cfg.validation) if cfg.validation else None
     if cfg.eval_limit and val_rows:
@@ -134,6 +136,7 @@ def train(config: TrainConfig | dict | None = None, /, *, base: BaseModel | None
     if world.is_main:  # only process 0 writes: checkpoints, log, artifact
         out.mkdir(parents=True, exist_ok=True)
         _trim_log(out / LOG, state["step"])
+        reporter.open(out, asdict(cfg), state["step"])
 
     def save_checkpoint():
         if world.is_main:
@@ -175,6 +178,7 @@ def train(config: TrainConfig | dict | None = None, /, *, base: BaseModel | None
                         best = current.clone()
                 if world.is_main:
                     _append_log(out / LOG, record)
+                    reporter.log(record)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{state['tokens'] / max(state['elapsed'], 1e-9):.0f}",
                                 **({"val": f"{record['val_accuracy']:.3f}"} if "val_accuracy" in record else {}))
@@ -190,6 +194,8 @@ def train(config: TrainConfig | dict | None = None, /, *, base: BaseModel | None
         save_checkpoint()
         bar.close()
         raise
+    finally:
+        reporter.close()
     bar.close()
     save_checkpoint()
 
