@@ -41,7 +41,7 @@ def test_a_failed_load_says_so_and_the_error_still_shows(tmp_path, sentiment_fil
     assert main(["eval", "--data", str(sentiment_files[1]), "--model", str(missing)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[0] == f"softprompt: loading model {missing} ... failed"
-    assert err[-1].startswith(f"softprompt: error: could not load model '{missing}'")
+    assert err[-1] == f"softprompt: error: model path not found: {missing}"
 
 
 def test_the_python_api_stays_silent(tiny_model_dir, capfd):
