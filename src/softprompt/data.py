@@ -1,5 +1,5 @@
-"""Read rows (jsonl/json/csv/tsv/parquet, Hugging Face datasets), format them with templates, tokenise with loss on the answer only,
-and batch by length.
+"""Read rows (jsonl/json/csv/tsv/parquet, Hugging Face datasets), format them with templates, tokenise with loss
+on the answer only, and batch by length.
 
 A template turns a row into (input text, output text). Loss is on the output tokens only; with an empty
 input template (`lm=True`) the whole text is the output, which is language modelling on a corpus.
