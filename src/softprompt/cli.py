@@ -14,13 +14,13 @@ _STARTED = time.perf_counter()  # a --time-budget counts the user's whole wait: 
 
 from .config import TrainConfig, add_dataclass_args, cli_text, config_from_args
 from .errors import SoftPromptError
+from .progress import show_load_progress
 
 
 def _cmd_train(args) -> int:
     from .train import train
 
     cfg = config_from_args(TrainConfig, args)
-    _say(f"loading model {cfg.model or 'embedded SmolLM2-135M-Instruct'} ...")
     try:
         result = train(cfg, started_at=_STARTED)
     except KeyboardInterrupt:
@@ -108,6 +108,26 @@ def _cmd_export(args) -> int:
     return 0
 
 
+def _cmd_vllm_request(args) -> int:
+    from .vllm_client import completion_request
+
+    texts = args.text or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    if not texts:
+        raise SoftPromptError("no input text: pass it as an argument or on standard input")
+    body = completion_request(texts[0] if len(texts) == 1 else texts, args.prompt, model=args.model,
+                              served_model_name=args.served_model_name, max_tokens=args.max_tokens,
+                              temperature=args.temperature, top_p=args.top_p, stop=args.stop or (), raw=args.raw,
+                              embeds_dtype=args.embeds_dtype, dtype=args.dtype, device=args.device)
+    text = json.dumps(body)
+    if not args.output:
+        print(text)
+        return 0
+    with open(args.output, "w", encoding="utf-8") as f:
+        f.write(text)
+    _say(f"wrote {args.output}: POST it to a vLLM server started with --enable-prompt-embeds (docs/vllm.md)")
+    return 0
+
+
 def _cmd_import(args) -> int:
     from .peft_io import import_peft
 
@@ -148,7 +168,6 @@ def _cmd_serve(args) -> int:
                       max_waiting=args.max_waiting, max_input_tokens=args.max_input_tokens,
                       max_output_tokens=args.max_output_tokens, request_timeout=args.timeout,
                       max_body_bytes=args.max_body_bytes, watch_interval=args.watch_interval)
-    _say(f"loading model {args.model or 'embedded SmolLM2-135M-Instruct'} ...")
     base = load_model(args.model, dtype=args.dtype, device=args.device)
     run_server(base, args.prompts, cfg)
     return 0
@@ -168,7 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "k-shot examples) on the same rows, and print one table (or --json).")
     p.add_argument("--prompt", action="append", help="prompt artifact or PEFT adapter directory (repeatable; "
                    "omit: the untuned model)")
-    p.add_argument("--data", required=True)
+    p.add_argument("--data", required=True, help="a data file, a Hugging Face dataset folder (FOLDER[@SPLIT]) or "
+                   "hf:ID[:CONFIG][@SPLIT] (README, Train)")
     p.add_argument("--task", default="auto", choices=["auto", "classification", "generation", "lm"],
                    help="auto: lm for an empty input template, classification for a small label set, else generation")
     p.add_argument("--baselines", help="comma list of untuned, instruction, kshot; 'all' (those whose inputs are "
@@ -210,6 +230,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True)
     p.add_argument("--base-model", help="base_model_name_or_path to record (default: the prompt's base)")
     p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("vllm-request", help="a /v1/completions body with prompt_embeds for a vLLM server",
+                       description="Print (or --output) the JSON body of a vLLM /v1/completions request whose "
+                                   "prompt_embeds are the prompt's virtual tokens + the input's token embeddings, the "
+                                   "template applied as `generate` does. Serve with `vllm serve MODEL "
+                                   "--enable-prompt-embeds`; see docs/vllm.md.")
+    p.add_argument("text", nargs="*", help="input text(s), one choice each; read from stdin when none")
+    p.add_argument("--prompt", required=True, help="prompt artifact or PEFT adapter directory (input-embedding "
+                   "prompts only)")
+    p.add_argument("--served-model-name", help="the request's model field (default: the prompt's base model)")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--raw", action="store_true", help="do not apply the prompt's input template")
+    p.add_argument("--embeds-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="tensor dtype in the payload (vLLM casts to its own; bfloat16 halves the size)")
+    p.add_argument("--output", help="write the JSON body here instead of standard output")
+    _common_model_args(p)
+    p.set_defaults(func=_cmd_vllm_request)
 
     p = sub.add_parser("import", help="convert a PEFT prompt-tuning adapter into a softprompt artifact")
     p.add_argument("adapter")
@@ -289,6 +329,8 @@ def main(argv: list[str] | None = None) -> int:
     _log_to_stderr()
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     args = build_parser().parse_args(argv)
+    if args.command != "demo" and os.environ.get("RANK", "0") == "0":  # the demo prints its own loading line
+        show_load_progress()  # "loading model X ... done in 21s" on stderr
     debug = bool(os.environ.get("SOFTPROMPT_DEBUG"))
     try:
         return args.func(args)

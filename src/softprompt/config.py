@@ -25,10 +25,10 @@ def opt(default: Any, help: str, **kw) -> Any:
 
 @dataclass
 class TrainConfig:
-    data: str = opt(None, "training data: .jsonl/.json/.csv/.tsv/.parquet", required=True)
+    data: str = opt(None, "training data: .jsonl/.json/.csv/.tsv/.parquet, a Hugging Face dataset folder (FOLDER[@SPLIT]) or hf:ID[:CONFIG][@SPLIT]", required=True)
     output: str = opt(None, "artifact directory to write (prompt.safetensors, softprompt.json, log, plot)", required=True)
     model: str | None = opt(None, "hub id, local folder or .gguf file (default: embedded SmolLM2-135M-Instruct)")
-    validation: str | None = opt(None, "validation data, evaluated every --eval-every steps; the best prompt is kept")
+    validation: str | None = opt(None, "validation data (same forms as --data), evaluated every --eval-every steps; the best prompt is kept")
     input_template: str = opt("{input}", "how a row becomes the input text, e.g. 'Review: {sentence}\\nSentiment:'", escapes=True)
     output_template: str | None = opt(None, "how a row becomes the answer (default ' {output}'; '{output}' with --chat)", escapes=True)
     label_map: str | None = opt(None, "turn label values into words, e.g. 0=negative,1=positive")
@@ -72,6 +72,8 @@ class TrainConfig:
     fsdp: bool = opt(False, "shard the frozen base's transformer blocks across processes (PyTorch FSDP2; launch with torchrun/accelerate)")
     trust_remote_code: bool = opt(False, "allow the model's own code from the hub (off by default)")
     progress: bool = opt(True, "show a progress bar")
+    report_to: str | None = opt(None, "also log loss, lr, tokens/s, validation metrics and the config to: tensorboard "
+                                      "(OUTPUT/tensorboard) and/or wandb (offline, OUTPUT/wandb); comma list")
 
 
 def from_kwargs(cls, config: Any = None, **kwargs) -> Any:

@@ -1,5 +1,5 @@
-"""Read rows (jsonl/json/csv/tsv/parquet), format them with templates, tokenise with loss on the answer only,
-and batch by length.
+"""Read rows (jsonl/json/csv/tsv/parquet, Hugging Face datasets), format them with templates, tokenise with loss
+on the answer only, and batch by length.
 
 A template turns a row into (input text, output text). Loss is on the output tokens only; with an empty
 input template (`lm=True`) the whole text is the output, which is language modelling on a corpus.
@@ -19,6 +19,7 @@ from typing import Any, Iterator
 import torch
 
 from .errors import SoftPromptError
+from .hf_data import parse_source, read_hf_rows
 
 csv.field_size_limit(2**31 - 1)
 
@@ -27,7 +28,11 @@ csv.field_size_limit(2**31 - 1)
 
 
 def read_rows(path: str | Path) -> list[dict[str, Any]]:
-    """Rows as dicts. Errors name the file and line."""
+    """Rows as dicts from a file, or from a Hugging Face dataset (a folder, `hf:ID[:CONFIG][@SPLIT]`; see
+    hf_data.py). Errors name the file and line."""
+    hf_source = parse_source(path)
+    if hf_source is not None:
+        return read_hf_rows(hf_source)
     path = Path(path)
     if not path.is_file():
         raise SoftPromptError(f"data file not found: {path}")

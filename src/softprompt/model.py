@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from .errors import SoftPromptError
 from .precision import NAMES, DtypeChoice, choose_dtype
+from .progress import announce_loading
 
 if TYPE_CHECKING:
     from .prompt import SoftPrompt
@@ -102,6 +103,7 @@ def mlp_shape(config: Any) -> tuple[int, int]:
     return hidden, ffn
 
 
+@announce_loading(EMBEDDED_MODEL)
 def load_model(
     model: str | os.PathLike | None = None,
     *,

@@ -29,6 +29,7 @@ from .errors import SoftPromptError
 from .model import BaseModel, load_model
 from .prompt import META_FILE, TENSOR_FILE, SoftPrompt, atomic_write
 from .reparam import ReparamPrompt
+from .trackers import Reporter
 
 CHECKPOINT = "checkpoint.safetensors"
 LOG = "metrics.jsonl"
@@ -101,6 +102,7 @@ def train(config: TrainConfig | dict | None = None, /, *, base: BaseModel | None
         raise SoftPromptError("system: a system message needs --chat (it goes into the chat template); "
                               "without --chat put the text in --input-template")
     RunLength.from_config(cfg.steps, cfg.epochs, cfg.time_budget, 1)  # a bad --steps / --time-budget fails early
+    reporter = Reporter(cfg.report_to)  # a missing tracker package fails here, before the model loads
     train_rows = read_rows(cfg.data)
     val_rows = read_rows(cfg.validation) if cfg.validation else None
     if cfg.eval_limit and val_rows:
@@ -151,6 +153,7 @@ def train(config: TrainConfig | dict | None = None, /, *, base: BaseModel | None
     if world.is_main:  # only process 0 writes: checkpoints, log, artifact
         out.mkdir(parents=True, exist_ok=True)
         _trim_log(out / LOG, state["step"])
+        reporter.open(out, asdict(cfg), state["step"])
 
     def save_checkpoint():
         if world.is_main:
@@ -210,6 +213,7 @@ def train(config: TrainConfig | dict | None = None, /, *, base: BaseModel | None
                         log.info(said)
                 if world.is_main:
                     _append_log(out / LOG, record)
+                    reporter.log(record)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{state['tokens'] / max(state['elapsed'], 1e-9):.0f}",
                                 **({"val": f"{record['val_accuracy']:.3f}"} if "val_accuracy" in record else {}))
@@ -225,6 +229,8 @@ def train(config: TrainConfig | dict | None = None, /, *, base: BaseModel | None
         save_checkpoint()
         bar.close()
         raise
+    finally:
+        reporter.close()
     bar.close()
     save_checkpoint()
 
