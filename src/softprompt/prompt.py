@@ -256,7 +256,7 @@ def atomic_write(path: Path, write) -> None:
         write(tmp)
         os.replace(tmp, path)
     except (OSError, SafetensorError) as e:
-        reason = getattr(e, "strerror", None) or str(e)
+        reason = getattr(e, "strerror", None) or str(e).rpartition("I/O error: ")[2]  # safetensors wraps the OS error
         raise SoftPromptError(f"cannot write {path}: {reason}"
                               + (f" (the previous {path.name} is unchanged)" if path.exists() else "")) from None
     finally:
