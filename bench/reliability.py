@@ -304,7 +304,7 @@ def trial_corrupt(model, data, ref, work) -> list[dict]:
         def setup(d):
             (d / f"data{suffix}").write_bytes(content)
             return ["train", "--model", str(model), "--data", str(d / f"data{suffix}"), "--output", str(d / "o"),
-                    *TRAIN_FLAGS[:2], "2", *TRAIN_FLAGS[2:]]
+                    *TRAIN_FLAGS, "--steps", "2"]  # the last --steps wins
         return setup
 
     def meta_case(text: str):

@@ -342,8 +342,8 @@ def _append_log(path: Path, record: dict) -> None:
         with path.open("ab") as f:
             f.write(line)  # one write: a crash or a full disk leaves at most a torn last line, dropped on resume
     except OSError as e:
-        raise SoftPromptError(f"cannot write {path}: {e.strerror or e} (the checkpoint is unchanged; "
-                              "free space, then --resume)") from None
+        raise SoftPromptError(f"cannot write {path}: {e.strerror or e} (checkpoints written so far are intact: "
+                              "free space, then continue with --resume)") from None
 
 
 def read_log(path: Path) -> list[dict]:
