@@ -264,13 +264,13 @@ def trial_fsize(model, data, ref, work) -> list[dict]:
         expected_ckpt = {("checkpoint.safetensors", 1): None, ("checkpoint.safetensors", 3): 14,
                          ("checkpoint.safetensors", 6): 35, ("append", 3): None, ("append", 30): 28}.get((name, nth), 40)
         problems = whole_files(out)
-        temps = sorted(f.name for f in out.iterdir() if ".tmp-" in f.name)
+        temps = sorted(f.name for f in out.iterdir() if ".tmp-" in f.name) if out.exists() else []
         r2 = resume_or_rerun(model, data, out)
         if r2.returncode:
             problems.append(f"resume failed: {r2.stderr.strip()[-300:]}")
         cmp = compare(out, ref) if not r2.returncode else {}
         row = {"fault": f"file-size limit in {named} #{nth}", "exit": r.returncode, "message": stderr.splitlines()[-1]
-               if stderr else "", "one_line_naming_file": one_line, "checkpoint_step_after": ckpt_step,
+               if stderr else "", "stderr_tail": stderr[-600:] if not one_line else "", "one_line_naming_file": one_line, "checkpoint_step_after": ckpt_step,
                "checkpoint_as_expected": ckpt_step == expected_ckpt, "temp_files_left": temps,
                "half_written_files_read": problems, **cmp}
         row["ok"] = (r.returncode == 1 and one_line and row["checkpoint_as_expected"] and not temps and not problems
@@ -623,19 +623,16 @@ def main() -> int:
         r = run_train(model, data, ref)
         assert r.returncode == 0, r.stderr
     results: dict = {"steps": STEPS, "save_every": SAVE_EVERY}
-    if "kill" in parts:
-        results["kill"] = trial_kill(model, data, ref, work, random.Random(1), args.random_kills)
-    if "fsize" in parts:
-        results["fsize"] = trial_fsize(model, data, ref, work)
-    if "corrupt" in parts:
-        results["corrupt"] = trial_corrupt(model, data, ref, work)
-    if "fuzz" in parts:
-        results["fuzz"] = trial_fuzz(args.fuzz_examples)
-    if "soak" in parts:
-        results["soak"] = trial_soak(model, work, args.soak_requests)
-    results["seconds"] = round(time.time() - t0, 1)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
+    trials = {"corrupt": lambda: trial_corrupt(model, data, ref, work),
+              "kill": lambda: trial_kill(model, data, ref, work, random.Random(1), args.random_kills),
+              "fsize": lambda: trial_fsize(model, data, ref, work),
+              "fuzz": lambda: trial_fuzz(args.fuzz_examples),
+              "soak": lambda: trial_soak(model, work, args.soak_requests)}
+    for part in [p for p in trials if p in parts]:
+        results[part] = trials[part]()
+        results["seconds"] = round(time.time() - t0, 1)
+        Path(args.out).write_text(json.dumps(results, indent=1) + "\n")  # each part as it ends
     ok = all(r["ok"] for k in ("kill", "fsize", "corrupt") for r in results.get(k, []))
     ok = ok and results.get("fuzz", {"passed": True})["passed"] and results.get("soak", {"ok": True})["ok"]
     print(f"{'ALL OK' if ok else 'FAILURES'} in {results['seconds']}s; wrote {args.out}")
