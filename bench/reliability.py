@@ -198,6 +198,7 @@ def trial_kill(model, data, ref, work, rng, n_random: int) -> list[dict]:
     faults += [{"kind": "random"}] * n_random
     ref_elapsed = log_records(ref / "metrics.jsonl")[0][-1]["elapsed_s"]
     for i, fault in enumerate(faults):
+        problems_before: list[str] = []
         out = work / f"kill-{i}"
         shutil.rmtree(out, ignore_errors=True)
         if fault["kind"] == "random":
@@ -212,10 +213,13 @@ def trial_kill(model, data, ref, work, rng, n_random: int) -> list[dict]:
             rc = proc.wait()
             where = f"random, {delay:.2f}s into training"
         else:
-            rc = run_train(model, data, out, fault=fault).returncode
+            r = run_train(model, data, out, fault=fault)
+            rc = r.returncode
             where = f"{fault['kind']} in {fault['file']} #{fault['nth']}"
+            if rc != -signal.SIGKILL:  # the fault never fired: the trial would prove nothing
+                problems_before = [f"no kill (exit {rc}): {r.stderr.strip()[-400:]}"]
         killed_at = len(log_records(out / "metrics.jsonl")[0])
-        problems = whole_files(out)
+        problems = problems_before + whole_files(out)
         torn = log_records(out / "metrics.jsonl")[1]
         temps = len([f for f in out.iterdir() if ".tmp-" in f.name]) if out.exists() else 0
         runs = 0
