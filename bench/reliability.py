@@ -679,10 +679,10 @@ def main() -> int:
     results: dict = {"steps": STEPS, "save_every": SAVE_EVERY}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     trials = {"corrupt": lambda: trial_corrupt(model, data, ref, work),
-              "kill": lambda: trial_kill(model, data, ref, work, random.Random(1), args.random_kills),
               "fsize": lambda: trial_fsize(model, data, ref, work),
-              "fuzz": lambda: trial_fuzz(args.fuzz_examples),
-              "soak": lambda: trial_soak(model, work, args.soak_requests)}
+              "kill": lambda: trial_kill(model, data, ref, work, random.Random(1), args.random_kills),
+              "soak": lambda: trial_soak(model, work, args.soak_requests),
+              "fuzz": lambda: trial_fuzz(args.fuzz_examples)}
     for part in [p for p in trials if p in parts]:
         results[part] = trials[part]()
         results["seconds"] = round(time.time() - t0, 1)
