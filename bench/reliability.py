@@ -52,9 +52,12 @@ ENV = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.g
 def child(fault: dict, argv: list[str]) -> int:
     """Run `softprompt train argv` with `fault` = {"kind": kill|kill-after|fsize, "file": NAME|"append", "nth": N}."""
     sys.path.insert(0, str(ROOT / "src"))
-    import softprompt.prompt as prompt_mod
-    import softprompt.train as train_mod
+    import importlib
+
     from softprompt.cli import main
+
+    # import_module: `softprompt.train` as an attribute is the train() function the package exports
+    prompt_mod, train_mod = importlib.import_module("softprompt.prompt"), importlib.import_module("softprompt.train")
 
     counts: dict[str, int] = {}
     real_atomic, real_append = prompt_mod.atomic_write, train_mod._append_log
