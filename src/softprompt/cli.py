@@ -160,14 +160,16 @@ def _cmd_serve(args) -> int:
     import logging
 
     from .model import load_model
-    from .serve import ServeConfig, run_server
+    from .serve import ServeConfig, check_exposure, read_api_key, run_server
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(name)s: %(message)s")
-    cfg = ServeConfig(host=args.host, port=args.port, api_key=args.api_key or os.environ.get("SOFTPROMPT_API_KEY") or None,
+    cfg = ServeConfig(host=args.host, port=args.port, api_key=read_api_key(args.api_key, args.api_key_file),
+                      allow_no_api_key=args.allow_no_api_key,
                       served_model_name=args.served_model_name, max_running=args.max_running,
                       max_waiting=args.max_waiting, max_input_tokens=args.max_input_tokens,
                       max_output_tokens=args.max_output_tokens, request_timeout=args.timeout,
                       max_body_bytes=args.max_body_bytes, watch_interval=args.watch_interval)
+    check_exposure(cfg)  # before the model load, not 20 s later
     base = load_model(args.model, dtype=args.dtype, device=args.device)
     run_server(base, args.prompts, cfg)
     return 0
@@ -281,7 +283,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", required=True, help="folder of prompt artifacts / PEFT prompt-tuning adapters, one per subfolder")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", help="require `Authorization: Bearer KEY` (default: $SOFTPROMPT_API_KEY, else none)")
+    p.add_argument("--api-key", help="require `Authorization: Bearer KEY` (default: $SOFTPROMPT_API_KEY, else none; "
+                   "visible in the process list: prefer --api-key-file or the variable)")
+    p.add_argument("--api-key-file", help="read the API key from this file (its first line)")
+    p.add_argument("--allow-no-api-key", action="store_true", help="serve a non-loopback --host without an API key "
+                   "(refused by default)")
     p.add_argument("--served-model-name", help="the base model's name in requests (default: from --model)")
     p.add_argument("--max-running", type=int, default=32, help="sequences decoded together")
     p.add_argument("--max-waiting", type=int, default=256, help="queued sequences; beyond this, 429")

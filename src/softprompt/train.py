@@ -27,7 +27,7 @@ from .distributed import World, init_world, shard_frozen_base
 from .data import Encoder, Template, collate, epoch_batches, label_set, read_rows
 from .errors import SoftPromptError
 from .model import BaseModel, load_model
-from .prompt import META_FILE, TENSOR_FILE, SoftPrompt, atomic_write
+from .prompt import MAX_PROMPT_ABS, META_FILE, TENSOR_FILE, SoftPrompt, atomic_write, remove_stale_temps
 from .reparam import ReparamPrompt
 from .trackers import Reporter
 
@@ -96,8 +96,7 @@ def train(config: TrainConfig | dict | None = None, /, *, base: BaseModel | None
         raise SoftPromptError(f"{out} already holds a run; pass --resume to continue it or --overwrite to start over")
     if cfg.batch_size < 1 or cfg.grad_accum < 1 or cfg.batch_size % cfg.grad_accum:
         raise SoftPromptError("batch_size must be a positive multiple of grad_accum")
-    if cfg.save_every < 1:
-        raise SoftPromptError(f"save_every must be >= 1, got {cfg.save_every}")
+    check_numbers(cfg)
     if cfg.system is not None and (cfg.chat is False or cfg.lm):
         raise SoftPromptError("system: a system message needs --chat (it goes into the chat template); "
                               "without --chat put the text in --input-template")
@@ -152,6 +151,7 @@ def train(config: TrainConfig | dict | None = None, /, *, base: BaseModel | None
                  " (the step count is fixed after timing the first steps)", "chat template on" if cfg.chat else "no chat template")
     if world.is_main:  # only process 0 writes: checkpoints, log, artifact
         out.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(out)
         _trim_log(out / LOG, state["step"])
         reporter.open(out, asdict(cfg), state["step"])
 
@@ -178,6 +178,7 @@ def train(config: TrainConfig | dict | None = None, /, *, base: BaseModel | None
                     group["lr"] = lr_at(state["step"], cfg, total)
                 batch = [examples[i] for i in indices]
                 loss, tokens = _step(base, prompt, optimizer, batch, cfg, pad_id, world)
+                _check_finite(loss, prompt, state["step"] + 1, ckpt_path)
                 state["step"] += 1
                 state["batch_in_epoch"] += 1
                 state["examples"] += len(batch)
@@ -317,6 +318,36 @@ def _step(base: BaseModel, prompt: torch.nn.Module, optimizer, batch, cfg: Train
     return total_loss, tokens
 
 
+def check_numbers(cfg: TrainConfig) -> None:
+    """Numbers that would crash later (--save-every 0) or train nothing (--steps -3, --lr nan): refuse up front."""
+    if cfg.steps is not None and cfg.steps < 1:
+        raise SoftPromptError(f"steps must be >= 1, got {cfg.steps}")
+    if cfg.epochs is not None and not (math.isfinite(cfg.epochs) and cfg.epochs > 0):
+        raise SoftPromptError(f"epochs must be a positive number, got {cfg.epochs}")
+    if cfg.lr is not None and not (math.isfinite(cfg.lr) and cfg.lr > 0):
+        raise SoftPromptError(f"lr must be a positive finite number, got {cfg.lr}")
+    if cfg.save_every < 1:
+        raise SoftPromptError(f"save_every must be >= 1, got {cfg.save_every}")
+    if cfg.eval_every < 0:
+        raise SoftPromptError(f"eval_every must be >= 0 (0: ten times per run), got {cfg.eval_every}")
+    for name in ("warmup", "weight_decay", "max_grad_norm"):
+        value = getattr(cfg, name)
+        if not (math.isfinite(value) and value >= 0):
+            raise SoftPromptError(f"{name} must be a finite number >= 0, got {value}")
+
+
+def _check_finite(loss: float, prompt: torch.nn.Module, step: int, ckpt_path: Path) -> None:
+    """Stop a diverged run before it logs or saves anything non-finite: the last checkpoint stays the last good one."""
+    last = f"the last good checkpoint is {ckpt_path}" if ckpt_path.exists() else "no checkpoint was written yet"
+    if not math.isfinite(loss):
+        raise SoftPromptError(f"step {step}: the loss is {loss} (training diverged; lower --lr); stopped, {last}")
+    params = [p.detach() for p in prompt.parameters()]
+    flags = torch.stack([torch.stack([p.isfinite().all(), p.abs().max() <= MAX_PROMPT_ABS]) for p in params])
+    if not bool(flags.all()):
+        raise SoftPromptError(f"step {step}: the prompt holds non-finite or huge values (over {MAX_PROMPT_ABS:g}) "
+                              f"after the update (training diverged; lower --lr); stopped, {last}")
+
+
 def _save_checkpoint(path: Path, cfg: TrainConfig, prompt, optimizer, state: dict, best: torch.Tensor):
     """Every trainable tensor of the prompt module (an encoder too) and its Adam moments, by parameter name."""
     tensors = {"best": best.cpu().contiguous()}
@@ -350,6 +381,14 @@ def _load_checkpoint(path: Path, cfg: TrainConfig, prompt, optimizer, state: dic
     for name, p in prompt.named_parameters():
         if f"param/{name}" not in tensors:
             raise SoftPromptError(f"{path} has no tensor for {name!r}: it was written by another kind of run")
+        wanted = {f"param/{name}": p.shape}
+        if adam_step is not None:
+            wanted.update({f"exp_avg/{name}": p.shape, f"exp_avg_sq/{name}": p.shape})
+        for key, shape in wanted.items():
+            if key not in tensors or tensors[key].shape != shape:
+                got = tuple(tensors[key].shape) if key in tensors else "missing"
+                raise SoftPromptError(f"{path}: tensor {key!r} is {got}, this run needs {tuple(shape)} "
+                                      "(a checkpoint of another model or run)")
         with torch.no_grad():
             p.copy_(tensors[f"param/{name}"])
         if adam_step is not None:
@@ -357,20 +396,46 @@ def _load_checkpoint(path: Path, cfg: TrainConfig, prompt, optimizer, state: dic
                                   "exp_avg": tensors[f"exp_avg/{name}"].to(p.device),
                                   "exp_avg_sq": tensors[f"exp_avg_sq/{name}"].to(p.device)}
     state.update(saved_state)
+    if "best" not in tensors or tensors["best"].shape != prompt().shape:
+        raise SoftPromptError(f"{path}: tensor 'best' does not match this run's prompt {tuple(prompt().shape)}")
     return tensors["best"].to(next(prompt.parameters()).device)
 
 
 def _append_log(path: Path, record: dict) -> None:
-    with path.open("a") as f:
-        f.write(json.dumps(record) + "\n")
+    # Non-finite numbers would make the line non-JSON (NaN): write null instead.
+    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+    line = (json.dumps(clean, allow_nan=False) + "\n").encode()
+    try:
+        with path.open("ab") as f:
+            f.write(line)  # one write: a crash or a full disk leaves at most a torn last line, dropped on resume
+    except OSError as e:
+        raise SoftPromptError(f"cannot write {path}: {e.strerror or e} (checkpoints written so far are intact: "
+                              "free space, then continue with --resume)") from None
+
+
+def read_log(path: Path) -> list[dict]:
+    """The JSONL log's records, skipping lines that do not parse (a torn last line from a crash or a full disk)."""
+    records = []
+    try:
+        text = path.read_bytes().decode("utf-8", errors="replace")
+    except OSError as e:
+        raise SoftPromptError(f"cannot read {path}: {e.strerror or e}") from None
+    for line in text.splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            records.append(record)
+    return records
 
 
 def _trim_log(path: Path, step: int) -> None:
-    """On resume, drop log lines past the checkpoint (steps the interrupted run did after saving)."""
+    """On resume, drop log lines past the checkpoint (steps the interrupted run did after saving) and torn ones."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    atomic_write(path, lambda tmp: tmp.write_text("".join(line + "\n" for line in keep)))
+    keep = [r for r in read_log(path) if r["step"] <= step]
+    atomic_write(path, lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in keep)))
 
 
 def _plot(log: Path, png: Path) -> None:
@@ -381,7 +446,7 @@ def _plot(log: Path, png: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:  # plotting is a nicety; the JSONL log has the numbers
         return
-    records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    records = read_log(log) if log.exists() else []
     if not records:
         return
     fig, ax = plt.subplots(figsize=(7, 4))
