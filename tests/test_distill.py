@@ -140,3 +140,13 @@ def test_cli_artifact_generates_and_exports(tiny_model_dir, inputs, tmp_path, ca
     config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert config["peft_type"] == "PREFIX_TUNING" and config["num_virtual_tokens"] == 4
     assert SoftPrompt.load(tmp_path / "peft").is_deep
+
+
+def test_shifted_prompt_kv_keeps_the_states(tiny_base):
+    # Rotary models see only distances: shifting the positions changes the keys' rotation, never the values, so the
+    # last keys/values of a long prompt can sit at 0..n-1 in a shorter prefix (compress 'last').
+    emb = tiny_base.embedding_matrix()[torch.arange(10, 22)]
+    plain, shifted = tiny_base.prompt_kv(emb), tiny_base.prompt_kv(emb, first_position=-7)
+    values = slice(1, None, 2)  # [P, 2 x layers, kv]: keys at even, values at odd indices
+    assert torch.allclose(plain[:, values], shifted[:, values], atol=1e-5)
+    assert not torch.allclose(plain[:, 0::2], shifted[:, 0::2], atol=1e-3)

@@ -81,6 +81,7 @@ class DistillResult:
     prompt: SoftPrompt
     output: Path
     metrics: dict[str, Any]
+    splits: dict[str, Targets] = field(default_factory=dict, repr=False)  # "train", "heldout": inputs + teacher targets
 
 
 # ---- the teacher ----------------------------------------------------------------------------------
@@ -272,8 +273,9 @@ def keep_positions(n_teacher: int, n_virtual: int, how: str) -> list[int]:
 
 def initial_prompt(base: BaseModel, cfg: DistillConfig, prefix_ids: list[int]) -> SoftPrompt:
     """--init teacher: the teacher prompt's own token embeddings (shallow), or the keys/values it leaves at every
-    layer (--deep: computed with the whole prompt as context, then `compress`ed to the virtual tokens). With as
-    many virtual tokens as teacher tokens the deep student starts as the teacher, exactly (without --chat)."""
+    layer (--deep: computed with the whole prompt as context, then `compress`ed to the virtual tokens: the last,
+    evenly spaced or first positions). With as many virtual tokens as teacher tokens the deep student starts as
+    the teacher, exactly (without --chat); with `last` it is the teacher with its first keys/values evicted."""
     if cfg.init != "teacher":
         return SoftPrompt.initialise(base, cfg.virtual_tokens, cfg.init, init_text=cfg.init_text, seed=cfg.seed,
                                      deep=cfg.deep)
@@ -282,7 +284,16 @@ def initial_prompt(base: BaseModel, cfg: DistillConfig, prefix_ids: list[int]) -
     keep = keep_positions(len(prefix_ids), cfg.virtual_tokens, cfg.compress)
     with torch.no_grad():
         embeds = base.embedding_matrix()[torch.tensor(prefix_ids, device=base.device)]  # [P, d]
-        tensor = base.prompt_kv(embeds)[keep] if cfg.deep else embeds[keep]  # [n, 2L, kv] or [n, d]
+        if cfg.deep:
+            # Computed with the whole prompt as context, at positions shifted so that the prompt ends at n - 1,
+            # right before the input, as in the teacher: the input then sees the kept keys at the teacher's
+            # distances (rotary models) instead of keys rotated for positions past its own.
+            try:
+                tensor = base.prompt_kv(embeds, first_position=len(keep) - len(prefix_ids))[keep]  # [n, 2L, kv]
+            except (IndexError, RuntimeError):  # learned absolute positions: no negative ones; keep 0..P-1
+                tensor = base.prompt_kv(embeds)[keep]
+        else:
+            tensor = embeds[keep]  # [n, d]
     meta: dict[str, Any] = {"init": {"strategy": "teacher", "compress": cfg.compress, "teacher_tokens": len(prefix_ids),
                                      "positions": keep, "seed": cfg.seed}, "base": base.fingerprint()}
     if cfg.deep:
@@ -359,7 +370,7 @@ def measure(base: BaseModel, prompt: torch.Tensor | None, split: Targets, max_ne
 
 
 @torch.no_grad()
-def prefill_times(base: BaseModel, prompt: torch.Tensor, split: Targets, repeats: int = 5, rows: int = TEACHER_BATCH) -> dict[str, float]:
+def prefill_times(base: BaseModel, prompt: torch.Tensor, split: Targets, repeats: int = 3, rows: int = TEACHER_BATCH) -> dict[str, float]:
     """Median wall time of one prefill forward (the cache a server builds before the first token) of the same
     inputs with the long hard prompt vs the soft prompt."""
 
@@ -475,7 +486,7 @@ def distill(config: DistillConfig | dict | None = None, /, *, base: BaseModel | 
                                "teacher_cache_key": key}
     prompt.meta["metrics"] = metrics
     prompt.save(out)
-    return DistillResult(prompt, out, metrics)
+    return DistillResult(prompt, out, metrics, splits)
 
 
 def format_report(metrics: dict[str, Any]) -> str:
