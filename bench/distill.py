@@ -104,7 +104,7 @@ def run_personas(base, work: Path, quick: bool) -> dict:
     held_file = write_jsonl(work / "personas" / "heldout.jsonl", [{"input": m} for m in msgs[n_train:]])
     held = msgs[n_train:]
     settings = dict(data=str(train_file), validation=str(held_file), chat=True, virtual_tokens=20,
-                    max_new_tokens=8 if quick else 24, top_k=64, batch_size=6, steps=2 if quick else 60,
+                    max_new_tokens=8 if quick else 24, top_k=64, batch_size=6, steps=2 if quick else 48,
                     progress=False, overwrite=True)
     variants = {"deep_teacher_kv_last": dict(deep=True, init="teacher", compress="last"),
                 "deep_teacher_kv_even": dict(deep=True, init="teacher", compress="even"),
@@ -117,7 +117,7 @@ def run_personas(base, work: Path, quick: bool) -> dict:
         text = persona_text(act)
         rows = {}
         # All variants on the first persona (which init works); the best-known one on the others.
-        names = list(variants) if k == 0 else ["deep_teacher_kv_last", "shallow_teacher_tokens"]
+        names = list(variants) if k == 0 else ["deep_teacher_kv_even"]
         for name in names:
             t0 = time.perf_counter()
             share_cache(work / "personas" / f"{k}-{names[0]}", work / "personas" / f"{k}-{name}")

@@ -47,7 +47,7 @@ def test_student_holding_the_teacher_kv_is_the_teacher(tiny_base, inputs, tmp_pa
     result = _distill(tiny_base, inputs, tmp_path / "run", deep=True, virtual_tokens=200, lr=0.0, steps=2)
     m = result.metrics
     assert m["virtual_tokens"] == m["teacher_tokens"] > 20
-    assert m["teacher_agreement"] == 1.0 and m["teacher_token_f1"] == 1.0
+    assert m["teacher_agreement"] == 1.0 and m["teacher_token_f1"] == 1.0 and m["teacher_token_agreement"] == 1.0
     assert m["kl"] < 1e-4 and m["baseline_kl"] > 100 * max(m["kl"], 1e-4)
     assert all(r["loss"] < 1e-4 for r in _log(tmp_path / "run"))
     assert m["baseline_agreement"] < 1.0
@@ -150,3 +150,13 @@ def test_shifted_prompt_kv_keeps_the_states(tiny_base):
     values = slice(1, None, 2)  # [P, 2 x layers, kv]: keys at even, values at odd indices
     assert torch.allclose(plain[:, values], shifted[:, values], atol=1e-5)
     assert not torch.allclose(plain[:, 0::2], shifted[:, 0::2], atol=1e-3)
+
+
+def test_teacher_text_or_file(tmp_path):
+    from softprompt.distill import read_teacher
+
+    long_line = "You are a poet who answers in rhymes and " * 8  # longer than a file name can be
+    assert read_teacher(long_line) == long_line
+    assert read_teacher("Be brief.") == "Be brief."
+    (tmp_path / "t.txt").write_text("  Act as a pirate.\n")
+    assert read_teacher(str(tmp_path / "t.txt")) == "Act as a pirate."

@@ -91,10 +91,15 @@ def read_teacher(teacher: str) -> str:
     """--teacher is a file (if it names one) or the prompt text itself."""
     if not teacher or not teacher.strip():
         raise SoftPromptError("teacher: the teacher prompt is empty")
-    looks_like_path = "\n" not in teacher and len(teacher) < 300 and (
+    one_line = "\n" not in teacher and len(teacher) < 4096
+    looks_like_path = one_line and " " not in teacher.strip() and (
         Path(teacher).suffix.lower() in (".txt", ".md", ".prompt") or teacher.startswith(("/", "./", "../", "~")))
     path = Path(teacher).expanduser()
-    if looks_like_path or (len(teacher) < 300 and "\n" not in teacher and path.is_file()):
+    try:
+        is_file = one_line and path.is_file()
+    except OSError:  # e.g. a one-line prompt longer than a file name may be
+        is_file = False
+    if looks_like_path or is_file:
         if not path.is_file():
             raise SoftPromptError(f"teacher file not found: {path}")
         try:
@@ -342,11 +347,12 @@ def distill_loss(gold_weight: float):
 def measure(base: BaseModel, prompt: torch.Tensor | None, split: Targets, max_new_tokens: int,
             batch_size: int = TEACHER_BATCH) -> dict[str, float]:
     """How close [prompt | input] comes to the teacher on `split`: greedy continuations (exact-match rate, token-F1,
-    ROUGE-L against the teacher's) and the mean per-token top-k KL along the teacher's continuations."""
+    ROUGE-L against the teacher's), and along the teacher's continuations (teacher-forced) the mean per-token top-k
+    KL and `token_agreement`, how often the student's next-token argmax is the teacher's token."""
     eos = base.tokenizer.eos_token_id
     n = len(split.student_ids)
     generated: list[list[int]] = []
-    kl_sum, kl_tokens = 0.0, 0
+    kl_sum, kl_tokens, top1 = 0.0, 0, 0
     for s in range(0, n, batch_size):
         generated += generate_ids(base, split.student_ids[s:s + batch_size], prompt, max_new_tokens=max_new_tokens)
         rows = [labelled(a, c) for a, c in zip(split.student_ids[s:s + batch_size], split.continuation[s:s + batch_size])]
@@ -354,12 +360,14 @@ def measure(base: BaseModel, prompt: torch.Tensor | None, split: Targets, max_ne
         kl = coarse_kl(logits, *(torch.cat(getattr(split, a)[s:s + batch_size]).to(logits.device)
                                  for a in ("top_ids", "top_logprobs", "tail_logprob")))
         kl_sum, kl_tokens = kl_sum + float(kl.sum()), kl_tokens + kl.numel()
+        targets = torch.tensor([t for c in split.continuation[s:s + batch_size] for t in c], device=logits.device)
+        top1 += int((logits.argmax(-1) == targets).sum())
     teacher = [split.generated(i, eos) for i in range(n)]
     decode = lambda ids: base.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
     preds, refs = [decode(g) for g in generated], [decode(t) for t in teacher]
     out = {"agreement": sum(g == t for g, t in zip(generated, teacher)) / n,
            "token_f1": sum(token_f1(p, [r]) for p, r in zip(preds, refs)) / n,
-           "kl": kl_sum / max(kl_tokens, 1)}
+           "kl": kl_sum / max(kl_tokens, 1), "token_agreement": top1 / max(kl_tokens, 1)}
     try:
         from .metrics import generation_metrics
 
@@ -396,7 +404,8 @@ def prefill_times(base: BaseModel, prompt: torch.Tensor, split: Targets, repeats
 def report(base: BaseModel, prompt: torch.Tensor, split: Targets, cfg: DistillConfig) -> dict[str, float]:
     tuned = measure(base, prompt, split, cfg.max_new_tokens)
     untuned = measure(base, None, split, cfg.max_new_tokens)
-    out = {"teacher_agreement": tuned["agreement"], "teacher_token_f1": tuned["token_f1"], "kl": tuned["kl"]}
+    out = {"teacher_agreement": tuned["agreement"], "teacher_token_f1": tuned["token_f1"], "kl": tuned["kl"],
+           "teacher_token_agreement": tuned["token_agreement"], "baseline_token_agreement": untuned["token_agreement"]}
     out.update({f"teacher_{k}": v for k, v in tuned.items() if k == "rougeL"})
     out.update({"baseline_agreement": untuned["agreement"], "baseline_token_f1": untuned["token_f1"], "baseline_kl": untuned["kl"]})
     out.update({f"baseline_{k}": v for k, v in untuned.items() if k == "rougeL"})
@@ -496,11 +505,12 @@ def format_report(metrics: dict[str, Any]) -> str:
     if "teacher_agreement" not in metrics:
         return lines[0] + "\n(no held-out inputs: pass --validation or --holdout > 0 for the report)"
     lines += [f"held out: {metrics['heldout_inputs']} inputs; KL is per token, {metrics['kl_kind']}",
-              f"{'system':<20}{'agreement':>10}{'token_f1':>10}{'rougeL':>8}{'kl':>9}",
+              "agreement: greedy continuation == the teacher's; next-token: argmax == the teacher's token, teacher-forced",
+              f"{'system':<20}{'agreement':>10}{'token_f1':>10}{'rougeL':>8}{'next-token':>11}{'kl':>9}",
               f"{'student (soft)':<20}{metrics['teacher_agreement']:>10.3f}{metrics['teacher_token_f1']:>10.3f}"
-              f"{metrics.get('teacher_rougeL', float('nan')):>8.3f}{metrics['kl']:>9.4f}",
+              f"{metrics.get('teacher_rougeL', float('nan')):>8.3f}{metrics['teacher_token_agreement']:>11.3f}{metrics['kl']:>9.4f}",
               f"{'untuned, no prompt':<20}{metrics['baseline_agreement']:>10.3f}{metrics['baseline_token_f1']:>10.3f}"
-              f"{metrics.get('baseline_rougeL', float('nan')):>8.3f}{metrics['baseline_kl']:>9.4f}",
+              f"{metrics.get('baseline_rougeL', float('nan')):>8.3f}{metrics['baseline_token_agreement']:>11.3f}{metrics['baseline_kl']:>9.4f}",
               f"prefill of {metrics['prefill_rows']} inputs: {metrics['prefill_teacher_ms']} ms with the long prompt, "
               f"{metrics['prefill_student_ms']} ms with the soft prompt ({metrics['prefill_speedup']}x)"]
     return "\n".join(lines)
