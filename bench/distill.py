@@ -1,6 +1,7 @@
 """Prompt distillation benchmark (`softprompt distill`) on the embedded SmolLM2-135M-Instruct, 2 CPU cores.
 
     python bench/distill.py personas      # (a) persona system prompts -> 20 virtual tokens, held-out user messages
+    python bench/distill.py compress      # (a') the deep init's other compression choices, first persona
     python bench/distill.py sst2          # (b) a 16-shot SST-2 prompt -> 20 virtual tokens: is the accuracy kept?
     python bench/distill.py serving       # (c) time to first token / tok/s, long hard prompt vs distilled, same scheduler
     python bench/distill.py all --quick   # a smoke run of all three (tiny numbers)
@@ -97,7 +98,8 @@ def chat_ids(base, system: str | None, user: str) -> list[int]:
 # ---- (a) personas ---------------------------------------------------------------------------------------
 
 
-def run_personas(base, work: Path, quick: bool) -> dict:
+def run_personas(base, work: Path, quick: bool, personas: list[str] | None = None, variants: dict | None = None,
+                 truncation: bool = True) -> dict:
     n_train, n_held = (8, 4) if quick else (36, 12)
     msgs = USER_MESSAGES[: n_train + n_held]
     train_file = write_jsonl(work / "personas" / "train.jsonl", [{"input": m} for m in msgs[:n_train]])
@@ -106,12 +108,12 @@ def run_personas(base, work: Path, quick: bool) -> dict:
     settings = dict(data=str(train_file), validation=str(held_file), chat=True, virtual_tokens=20,
                     max_new_tokens=8 if quick else 24, top_k=64, batch_size=6, steps=2 if quick else 48,
                     progress=False, overwrite=True)
-    variants = {"deep_teacher_kv_last": dict(deep=True, init="teacher", compress="last"),
+    variants = variants or {"deep_teacher_kv_last": dict(deep=True, init="teacher", compress="last"),
                 "deep_teacher_kv_even": dict(deep=True, init="teacher", compress="even"),
                 "deep_vocab": dict(deep=True, init="vocab"),
                 "shallow_teacher_tokens": dict(deep=False, init="teacher", compress="first"),
                 "shallow_vocab": dict(deep=False, init="vocab")}
-    personas = PERSONAS[:1] if quick else PERSONAS
+    personas = personas or (PERSONAS[:1] if quick else PERSONAS)
     out = {"settings": {**settings, "train_inputs": n_train, "heldout_inputs": n_held}, "personas": {}}
     for k, act in enumerate(personas):
         text = persona_text(act)
@@ -120,7 +122,7 @@ def run_personas(base, work: Path, quick: bool) -> dict:
         names = list(variants) if k == 0 else ["deep_teacher_kv_even"]
         for name in names:
             t0 = time.perf_counter()
-            share_cache(work / "personas" / f"{k}-{names[0]}", work / "personas" / f"{k}-{name}")
+            share_cache(work / "personas" / f"{k}-deep_teacher_kv_last", work / "personas" / f"{k}-{name}")
             result = distill(teacher=text, output=str(work / "personas" / f"{k}-{name}"), base=base,
                              **settings, **variants[name])
             m = dict(result.metrics)
@@ -129,12 +131,24 @@ def run_personas(base, work: Path, quick: bool) -> dict:
             print(f"[personas] {act} {name}: agreement {m['teacher_agreement']:.3f} (untuned {m['baseline_agreement']:.3f}) "
                   f"kl {m['kl']:.3f} (untuned {m['baseline_kl']:.3f}) {m['wall_s']}s", flush=True)
         split = result.splits["heldout"]
+        if not truncation:
+            out["personas"][act] = {"teacher_tokens": m["teacher_tokens"], "results": rows}
+            continue
         # Truncation: the persona cut to its first 20 tokens, as the system message (same targets, same measure).
         cut = base.tokenizer.decode(base.tokenizer(text, add_special_tokens=False)["input_ids"][:20])
         trunc = measure(base, None, truncated(base, split, lambda i: chat_ids(base, cut, held[i])), settings["max_new_tokens"])
         rows["truncated_to_20_tokens"] = trunc
         print(f"[personas] {act} truncated: agreement {trunc['agreement']:.3f} kl {trunc['kl']:.3f}", flush=True)
         out["personas"][act] = {"teacher_tokens": m["teacher_tokens"], "results": rows}
+    return out
+
+
+def run_compress(base, work: Path, quick: bool) -> dict:
+    """The deep init's remaining compression choices on the first persona, same settings as `personas` (which
+    measured last and even): sink (the first position + the last ones) and first."""
+    out = run_personas(base, work, quick, personas=PERSONAS[:1], variants={
+        "deep_teacher_kv_sink": dict(deep=True, init="teacher", compress="sink"),
+        "deep_teacher_kv_first": dict(deep=True, init="teacher", compress="first")}, truncation=False)
     return out
 
 
@@ -164,7 +178,7 @@ def run_sst2(base, work: Path, quick: bool) -> dict:
     rng.shuffle(shots)
     used = {id(r) for r in shots}
     teacher = "\n\n".join(f"Review: {r['sentence'].strip()}\nSentiment: {words[r['label']]}" for r in shots)
-    n_train, n_held = (16, 16) if quick else (192, 200)
+    n_train, n_held = (16, 16) if quick else (96, 100)
     pool = [r for r in rows if id(r) not in used][:n_train]
     val = read_rows(DATA / "sst2" / "validation.tsv")
     random.Random(1).shuffle(val)
@@ -173,15 +187,15 @@ def run_sst2(base, work: Path, quick: bool) -> dict:
     train_file = write_jsonl(work / "sst2" / "train.jsonl", [{"sentence": r["sentence"].strip(), "output": words[r["label"]]} for r in pool])
     held_file = write_jsonl(work / "sst2" / "heldout.jsonl", [{"sentence": r["sentence"].strip(), "output": words[r["label"]]} for r in val])
     gold = [words[r["label"]] for r in val]
-    steps = 2 if quick else 72
+    steps = 2 if quick else 48
     common = dict(data=str(train_file), validation=str(held_file), input_template=tmpl, virtual_tokens=20,
                   max_new_tokens=2, top_k=64, batch_size=16, steps=steps, progress=False, overwrite=True)
     out = {"settings": {**common, "shots": len(shots), "train_inputs": n_train, "heldout_inputs": n_held}, "results": {}}
-    for name, extra in {"deep_teacher_kv_last": dict(deep=True, init="teacher", compress="last"),
-                        "shallow_teacher_tokens": dict(deep=False, init="teacher", compress="last"),
-                        "deep_teacher_kv_last_gold0.5": dict(deep=True, init="teacher", compress="last", gold_weight=0.5)}.items():
+    for name, extra in {"deep_teacher_kv_even": dict(deep=True, init="teacher", compress="even"),
+                        "shallow_teacher_tokens_last": dict(deep=False, init="teacher", compress="last"),
+                        "deep_teacher_kv_even_gold0.5": dict(deep=True, init="teacher", compress="even", gold_weight=0.5)}.items():
         t0 = time.perf_counter()
-        share_cache(work / "sst2" / "deep_teacher_kv_last", work / "sst2" / name)
+        share_cache(work / "sst2" / "deep_teacher_kv_even", work / "sst2" / name)
         result = distill(teacher=teacher, output=str(work / "sst2" / name), base=base, **common, **extra)
         split = result.splits["heldout"]
         m = dict(result.metrics)
@@ -252,7 +266,7 @@ def run_serving(base, work: Path, quick: bool) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("section", choices=["personas", "sst2", "serving", "all"])
+    ap.add_argument("section", nargs="+", choices=["personas", "compress", "sst2", "serving", "all"])
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny numbers")
     ap.add_argument("--workdir", default="/tmp/softprompt-distill-bench")
     ap.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct")
@@ -262,12 +276,12 @@ def main() -> None:
     t0 = time.perf_counter()
     base = load_model(args.model, dtype="float32", device="cpu" if args.model is None else "auto")
     print(f"loaded model in {time.perf_counter() - t0:.0f}s; torch threads {torch.get_num_threads()}", flush=True)
-    sections = ["personas", "sst2", "serving"] if args.section == "all" else [args.section]
+    sections = ["personas", "compress", "sst2", "serving"] if "all" in args.section else args.section
     for section in sections:
         t0 = time.perf_counter()
-        result = {"personas": run_personas, "sst2": run_sst2, "serving": run_serving}[section](base, work, args.quick)
+        result = {"personas": run_personas, "compress": run_compress, "sst2": run_sst2, "serving": run_serving}[section](base, work, args.quick)
         result["section_wall_s"] = round(time.perf_counter() - t0, 1)
-        result["command"] = " ".join(["python", "bench/distill.py", *sys.argv[1:]])
+        result["command"] = " ".join(["python", "bench/distill.py", section, *(["--quick"] if args.quick else [])])
         RESULTS.mkdir(parents=True, exist_ok=True)
         name = f"distill-{section}{'-quick' if args.quick else ''}.json"
         (RESULTS / name).write_text(json.dumps(result, indent=1, default=float) + "\n")

@@ -6,7 +6,7 @@ import torch
 
 from conftest import SUBJECTS, WORDS_NEG, WORDS_POS, cli_error, write_jsonl
 from softprompt import SoftPrompt, SoftPromptError, distill
-from softprompt.distill import coarse_kl, top_k_targets
+from softprompt.distill import coarse_kl, keep_positions, top_k_targets
 
 distill_module = importlib.import_module("softprompt.distill")  # `softprompt.distill` is the function
 
@@ -93,11 +93,13 @@ def test_compressed_deep_init_and_gold_answers(tiny_base, tmp_path):
     rows = [{"input": f"Review : {s} was {w} .", "output": "Sentiment : positive" if w in WORDS_POS else "Sentiment : negative"}
             for s in SUBJECTS for w in WORDS_POS[:2] + WORDS_NEG[:2]]
     data = write_jsonl(tmp_path / "gold.jsonl", rows)
-    for how in ("last", "even", "first"):
+    for how in ("last", "even", "first", "sink"):
         result = _distill(tiny_base, data, tmp_path / how, deep=True, compress=how, gold_weight=0.5, steps=3)
         assert result.prompt.is_deep and result.prompt.n_virtual_tokens == 4
         assert result.prompt.meta["init"]["compress"] == how and len(result.prompt.meta["init"]["positions"]) == 4
-    assert result.prompt.meta["init"]["positions"] == [0, 1, 2, 3]
+    assert result.prompt.meta["init"]["positions"][0] == 0 and result.prompt.meta["init"]["positions"][1] > 1
+    assert keep_positions(10, 4, "last") == [6, 7, 8, 9] and keep_positions(10, 4, "first") == [0, 1, 2, 3]
+    assert keep_positions(10, 4, "even") == [0, 3, 6, 9] and keep_positions(3, 4, "even") == [0, 1, 2]
     with pytest.raises(SoftPromptError, match="no row .* has a gold output"):
         _distill(tiny_base, data, tmp_path / "x", gold_weight=0.5, output_template=" {missing}")
 
@@ -136,6 +138,9 @@ def test_cli_artifact_generates_and_exports(tiny_model_dir, inputs, tmp_path, ca
     assert main(["generate", "--prompt", str(out), "--model", str(tiny_model_dir), "--max-new-tokens", "4",
                  "Review : the film was great . Sentiment :"]) == 0
     assert capsys.readouterr().out.strip() != ""
+    assert main(["inspect", str(out), "--model", str(tiny_model_dir), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["drift"]["reproducible"] is False and "teacher" in report["drift"]["reason"]
     assert main(["export", "--prompt", str(out), "--output", str(tmp_path / "peft")]) == 0
     config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert config["peft_type"] == "PREFIX_TUNING" and config["num_virtual_tokens"] == 4

@@ -85,7 +85,7 @@ class DistillConfig:
     deep: bool = opt(False, "deep prompt: train keys/values at every layer (a KV prefix)")
     init: str = opt("teacher", "teacher (the teacher prompt's own token embeddings, or with --deep its keys/values) | vocab | random | text")
     init_text: str | None = opt(None, "text for --init text", escapes=True)
-    compress: str = opt("last", "with --init teacher and fewer virtual tokens than teacher tokens: which positions to keep: last | even | first")
+    compress: str = opt("even", "with --init teacher and fewer virtual tokens than teacher tokens: which positions to keep: even (evenly spaced, the first included) | sink (the first + the last) | last | first")
     max_new_tokens: int = opt(32, "length of the teacher's greedy continuations (the positions the KL is taken at)")
     top_k: int = opt(64, "teacher log-probs stored per position; the rest of the vocabulary is one renormalised tail bucket")
     gold_weight: float = opt(0.0, "add this x the gold answers' NLL (rows that have an output) to the KL")
@@ -153,7 +153,8 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, positional: tuple[s
     for f in fields(cls):
         flag = f.name if f.name in positional else "--" + f.name.replace("_", "-")
         default = None if f.default is MISSING else f.default
-        help_text = f.metadata.get("help", "") + ("" if default in (None, False) else f" (default: {default})")
+        shown = default.encode("unicode_escape").decode() if isinstance(default, str) else default  # "\n" visible
+        help_text = f.metadata.get("help", "") + ("" if default in (None, False) else f" (default: {shown})")
         help_text = help_text.replace("%", "%%")  # argparse formats help strings with %
         typ = hints[f.name]
         if typ is bool:

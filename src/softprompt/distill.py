@@ -40,7 +40,7 @@ from .prompt import TENSOR_FILE, SoftPrompt, atomic_write
 from .train import CHECKPOINT, train
 
 TEACHER_CACHE = "teacher.safetensors"
-COMPRESS = ("last", "even", "first")
+COMPRESS = ("sink", "last", "even", "first")
 TEACHER_BATCH = 8  # rows per teacher forward / generation call
 
 
@@ -70,9 +70,9 @@ class DistillExample(Encoded):
     """A training row for train()'s loop: input_ids = student input + teacher continuation, labelled on the
     continuation (so the loop's token counts are continuation tokens), plus the teacher's targets there."""
 
-    top_ids: torch.Tensor = None  # [m, k]
-    top_logprobs: torch.Tensor = None  # [m, k]
-    tail_logprob: torch.Tensor = None  # [m]
+    top_ids: torch.Tensor | None = None  # [m, k]
+    top_logprobs: torch.Tensor | None = None  # [m, k]
+    tail_logprob: torch.Tensor | None = None  # [m]
     gold: Encoded | None = None  # student input + gold answer, labelled on the answer
 
 
@@ -116,7 +116,10 @@ def teacher_prefix_ids(base: BaseModel, cfg: DistillConfig, teacher: str) -> lis
     """The tokens the long prompt puts before the input: the text + separator, or with --chat its system turn."""
     tok = base.tokenizer
     if cfg.chat:
-        rendered = tok.apply_chat_template([{"role": "system", "content": teacher}], tokenize=False)
+        try:
+            rendered = tok.apply_chat_template([{"role": "system", "content": teacher}], tokenize=False)
+        except Exception:  # templates that insist on a user turn (jinja raises its own errors): the bare text
+            return tok(teacher, add_special_tokens=False)["input_ids"]
         return tok(rendered, add_special_tokens=False)["input_ids"]
     return tok(teacher + cfg.separator)["input_ids"]
 
@@ -273,6 +276,8 @@ def keep_positions(n_teacher: int, n_virtual: int, how: str) -> list[int]:
         return list(range(n_virtual))
     if how == "last":
         return list(range(n_teacher - n_virtual, n_teacher))
+    if how == "sink":  # the first position (where attention parks: the "attention sink") + the most recent ones
+        return [0] + list(range(n_teacher - n_virtual + 1, n_teacher))
     return torch.linspace(0, n_teacher - 1, n_virtual).round().long().tolist()
 
 

@@ -119,7 +119,7 @@ def train(config: TrainConfig | dict | None = None, /, *, base: BaseModel | None
     if start is not None:
         init = start
     else:
-        labels = valset.labels if valset else label_set(template, train_rows)
+        labels = valset.labels if valset else (label_set(template, train_rows) if train_rows else None)
         init = SoftPrompt.initialise(base, cfg.virtual_tokens, cfg.init, init_text=cfg.init_text, labels=labels,
                                      init_prompt=cfg.init_prompt, seed=cfg.seed, deep=cfg.deep)
     # The trainable module: forward() -> the prompt tensor; parameters() are all that trains.
