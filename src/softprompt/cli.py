@@ -10,11 +10,11 @@ import sys
 import time
 import warnings
 
-_STARTED = time.perf_counter()  # a --time-budget counts the user's whole wait: imports and model loading too
-
-from .config import TrainConfig, add_dataclass_args, cli_text, config_from_args
+from .config import DistillConfig, TrainConfig, add_dataclass_args, cli_text, config_from_args
 from .errors import SoftPromptError
 from .progress import show_load_progress
+
+_STARTED = time.perf_counter()  # a --time-budget counts the user's whole wait: imports and model loading too
 
 
 def _cmd_train(args) -> int:
@@ -31,6 +31,21 @@ def _cmd_train(args) -> int:
          f"final train loss {m['final_train_loss']:.4f}"
          + (f", best validation {m['best_val_accuracy']:.4f} at step {m['best_step']}" if "best_val_accuracy" in m else "")
          + ")")
+    return 0
+
+
+def _cmd_distill(args) -> int:
+    from .distill import distill, format_report
+
+    cfg = config_from_args(DistillConfig, args)
+    try:
+        result = distill(cfg)
+    except KeyboardInterrupt:
+        _say(f"interrupted: checkpoint saved in {cfg.output}; continue with --resume")
+        return 130
+    m = result.metrics
+    _say(f"wrote {result.output} ({m['steps']} steps, {m['wall_time_s']:.0f}s, final train KL {m['final_train_loss']:.4f})")
+    print(format_report(m))
     return 0
 
 
@@ -183,6 +198,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="JSON/YAML/TOML file with any of the fields below (flags win)")
     add_dataclass_args(p, TrainConfig)
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("distill", help="distil a long prompt into a soft prompt (prompt compression)",
+                       description="Train a soft prompt so that the model without the long --teacher prompt behaves "
+                                   "as it does with it: KL to the teacher's next-token distributions along its own "
+                                   "greedy continuations of --data's inputs. Reports agreement, KL and prefill "
+                                   "speed-up on held-out inputs.")
+    p.add_argument("--config", help="JSON/YAML/TOML file with any of the fields below (flags win)")
+    add_dataclass_args(p, DistillConfig)
+    p.set_defaults(func=_cmd_distill)
 
     p = sub.add_parser("eval", help="evaluate prompts and baselines on data (classification, generation, lm)",
                        description="Score soft prompts and baselines (untuned model, hand-written instruction, "

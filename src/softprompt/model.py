@@ -494,13 +494,15 @@ class BaseModel:
         layers, heads, head_dim = self.kv_layout
         return 2 * layers, heads * head_dim
 
-    def prompt_kv(self, prompt: torch.Tensor) -> torch.Tensor:
+    def prompt_kv(self, prompt: torch.Tensor, *, first_position: int = 0) -> torch.Tensor:
         """The keys/values [P, 2*layers, kv_dim] that an input-embedding prompt [P, d] leaves in the cache
-        (positions 0..P-1). A deep prompt initialised with them computes exactly what the prompt does."""
+        (positions 0..P-1). A deep prompt initialised with them computes exactly what the prompt does.
+        `first_position` < 0 shifts the positions (rotary models see only distances, so the states are the same):
+        the last P + first_position keys then sit at 0.. as a shorter prefix that keeps only them needs."""
         layers, heads, head_dim = self.kv_layout
         n = prompt.shape[0]
         out = self.model.base_model(inputs_embeds=prompt.to(self.device, self.dtype)[None], use_cache=True,
-                                    position_ids=torch.arange(n, device=self.device)[None])
+                                    position_ids=torch.arange(first_position, first_position + n, device=self.device)[None])
         per_layer = [torch.stack([layer.keys[0], layer.values[0]]) for layer in cache_of(out).layers]  # [2, H, P, D] each
         kv = torch.stack(per_layer)  # [layers, 2, H, P, D]
         return kv.permute(3, 0, 1, 2, 4).reshape(n, 2 * layers, heads * head_dim)

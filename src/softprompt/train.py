@@ -24,7 +24,7 @@ from .budget import BudgetPlanner, RunLength
 from .evaluate import prepare as prepare_eval, score
 from .config import TrainConfig, from_kwargs
 from .distributed import World, init_world, shard_frozen_base
-from .data import Encoder, Template, collate, epoch_batches, label_set, read_rows
+from .data import Encoded, Encoder, Template, collate, epoch_batches, label_set, read_rows
 from .errors import SoftPromptError
 from .model import BaseModel, load_model
 from .prompt import MAX_PROMPT_ABS, META_FILE, TENSOR_FILE, SoftPrompt, atomic_write, remove_stale_temps
@@ -76,13 +76,16 @@ def lr_at(step: int, cfg: TrainConfig, total: int) -> float:
 
 def train(config: TrainConfig | dict | None = None, /, *, base: BaseModel | None = None,
           on_step: Callable[[int, dict], None] | None = None, started_at: float | None = None,
-          **kwargs) -> TrainResult:
+          examples: list[Encoded] | None = None, start: SoftPrompt | None = None,
+          piece_loss: PieceLoss | None = None, **kwargs) -> TrainResult:
     """Train a soft prompt on a frozen model and write its artifact to `output`.
 
     Accepts a TrainConfig, a dict, or its fields as keyword arguments: `train(data=..., output=...)`.
     `base` reuses an already loaded model; `on_step(step, metrics)` is called after every step, the metrics
     holding also "prompt": the current prompt tensor (detached; a snapshot needs a copy). `started_at`
     (time.perf_counter()) is when the user's wait began, for a time budget (default: this call).
+    Jobs built on this loop (distill.py) pass their own encoded `examples` (cfg.data is then only recorded),
+    the `start` prompt, and the `piece_loss` (default: answer NLL, `nll_loss`).
     """
     entered = time.perf_counter()  # a --time-budget counts from here: model loading is part of the user's wait
     cfg = from_kwargs(TrainConfig, config, **kwargs)
@@ -102,7 +105,7 @@ def train(config: TrainConfig | dict | None = None, /, *, base: BaseModel | None
                               "without --chat put the text in --input-template")
     RunLength.from_config(cfg.steps, cfg.epochs, cfg.time_budget, 1)  # a bad --steps / --time-budget fails early
     reporter = Reporter(cfg.report_to)  # a missing tracker package fails here, before the model loads
-    train_rows = read_rows(cfg.data)
+    train_rows = read_rows(cfg.data) if examples is None else None
     val_rows = read_rows(cfg.validation) if cfg.validation else None
     if cfg.eval_limit and val_rows:
         val_rows = val_rows[: cfg.eval_limit]
@@ -125,12 +128,15 @@ def train(config: TrainConfig | dict | None = None, /, *, base: BaseModel | None
     if cfg.fsdp:
         shard_frozen_base(base.model, world)
     max_length = min(cfg.max_length, base.max_positions - cfg.virtual_tokens)
-    examples = Encoder(base.tokenizer, template, max_length=max_length, score_first=not cfg.deep).encode_rows(train_rows, cfg.data)
+    if examples is None:
+        examples = Encoder(base.tokenizer, template, max_length=max_length, score_first=not cfg.deep).encode_rows(train_rows, cfg.data)
     valset = prepare_eval(base, template, val_rows, source=cfg.validation, max_length=max_length) if val_rows else None
-    labels = valset.labels if valset else label_set(template, train_rows)
-
-    init = SoftPrompt.initialise(base, cfg.virtual_tokens, cfg.init, init_text=cfg.init_text, labels=labels,
-                                 init_prompt=cfg.init_prompt, seed=cfg.seed, deep=cfg.deep)
+    if start is not None:
+        init = start
+    else:
+        labels = valset.labels if valset else (label_set(template, train_rows) if train_rows else None)
+        init = SoftPrompt.initialise(base, cfg.virtual_tokens, cfg.init, init_text=cfg.init_text, labels=labels,
+                                     init_prompt=cfg.init_prompt, seed=cfg.seed, deep=cfg.deep)
     # The trainable module: forward() -> the prompt tensor; parameters() are all that trains.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)  # the reparameterisation encoder's init is part of the run's identity
@@ -177,7 +183,7 @@ def train(config: TrainConfig | dict | None = None, /, *, base: BaseModel | None
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(state["step"], cfg, total)
                 batch = [examples[i] for i in indices]
-                loss, tokens = _step(base, prompt, optimizer, batch, cfg, pad_id, world)
+                loss, tokens = _step(base, prompt, optimizer, batch, cfg, pad_id, world, piece_loss or nll_loss)
                 _check_finite(loss, prompt, state["step"] + 1, ckpt_path)
                 state["step"] += 1
                 state["batch_in_epoch"] += 1
@@ -280,13 +286,26 @@ def _agree_on_plan(world: World, state: dict, device: torch.device) -> None:
     state["total"], state["next_plan"] = int(plan[0]), None if plan[1] < 0 else int(plan[1])
 
 
-def _step(base: BaseModel, prompt: torch.nn.Module, optimizer, batch, cfg: TrainConfig, pad_id: int,
-          world: World = World()) -> tuple[float, int]:
-    """One optimizer step over the global `batch`: this process's rows, in grad_accum micro-batches.
-    Loss = mean NLL per answer token of the whole batch, so splitting it (accumulation, processes) changes
-    nothing but float summation order."""
-    optimizer.zero_grad(set_to_none=True)
+# A step's loss, piece by piece: (base, prompt tensor, micro-batch, whole global batch, pad id) -> scalar, the
+# piece's share of the batch loss (summed over its rows, divided by a count over the whole batch).
+PieceLoss = Callable[[BaseModel, torch.Tensor, list, list, int], torch.Tensor]
+
+
+def nll_loss(base: BaseModel, prompt: torch.Tensor, piece: list[Encoded], batch: list[Encoded], pad_id: int) -> torch.Tensor:
+    """Mean NLL per answer token of the whole batch, this piece's part of it."""
     label_tokens = sum(sum(1 for t in e.labels if t != -100) for e in batch)
+    tensors = collate(piece, pad_id)
+    prompted = base.prepend_prompts(tensors["input_ids"], tensors["attention_mask"], prompt, tensors["labels"])
+    nll, _ = base.sequence_nll(prompted)
+    return nll.sum() / label_tokens
+
+
+def _step(base: BaseModel, prompt: torch.nn.Module, optimizer, batch, cfg: TrainConfig, pad_id: int,
+          world: World = World(), piece_loss: PieceLoss = nll_loss) -> tuple[float, int]:
+    """One optimizer step over the global `batch`: this process's rows, in grad_accum micro-batches.
+    Loss = `piece_loss` summed over pieces (default: mean NLL per answer token of the whole batch), so
+    splitting the batch (accumulation, processes) changes nothing but float summation order."""
+    optimizer.zero_grad(set_to_none=True)
     mine = batch[world.rank::world.size]
     micro = math.ceil(len(mine) / cfg.grad_accum)
     # Under FSDP every process must run the same number of forwards (each holds collectives), even with
@@ -297,13 +316,10 @@ def _step(base: BaseModel, prompt: torch.nn.Module, optimizer, batch, cfg: Train
     loss_sum = torch.zeros((), device=base.device)
     tokens = 0
     for piece in pieces:
-        tensors = collate(piece or batch[:1], pad_id)
-        prompted = base.prepend_prompts(tensors["input_ids"], tensors["attention_mask"], prompt(), tensors["labels"])
-        nll, _ = base.sequence_nll(prompted)
-        loss = nll.sum() / label_tokens * (1.0 if piece else 0.0)
+        loss = piece_loss(base, prompt(), piece or batch[:1], batch, pad_id) * (1.0 if piece else 0.0)
         loss.backward()
         loss_sum += loss.detach()
-        tokens += int(tensors["attention_mask"].sum()) if piece else 0
+        tokens += sum(len(e.input_ids) for e in piece)
     if world.active:
         for p in prompt.parameters():
             if p.grad is None:
