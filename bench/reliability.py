@@ -475,6 +475,14 @@ def trial_soak(model, work, n_requests: int, concurrency: int = 16) -> dict:
     sys.path.insert(0, str(ROOT / "src"))
     from softprompt import SoftPrompt, load_model
 
+    chat_model = work / "tiny-llama-chat"  # the tests' tiny model plus a chat template, for chat requests
+    if not chat_model.exists():
+        shutil.copytree(model, chat_model)
+        config = json.loads((chat_model / "tokenizer_config.json").read_text())
+        config["chat_template"] = ("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} .\n{% endfor %}"
+                                   "{% if add_generation_prompt %}assistant :{% endif %}")
+        (chat_model / "tokenizer_config.json").write_text(json.dumps(config))
+    model = chat_model
     base = load_model(str(model), dtype="float32", device="cpu")
     prompts = work / "soak-prompts"
     shutil.rmtree(prompts, ignore_errors=True)
