@@ -475,6 +475,14 @@ def trial_soak(model, work, n_requests: int, concurrency: int = 16) -> dict:
     sys.path.insert(0, str(ROOT / "src"))
     from softprompt import SoftPrompt, load_model
 
+    chat_model = work / "tiny-llama-chat"  # the tests' tiny model plus a chat template, for chat requests
+    if not chat_model.exists():
+        shutil.copytree(model, chat_model)
+        config = json.loads((chat_model / "tokenizer_config.json").read_text())
+        config["chat_template"] = ("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} .\n{% endfor %}"
+                                   "{% if add_generation_prompt %}assistant :{% endif %}")
+        (chat_model / "tokenizer_config.json").write_text(json.dumps(config))
+    model = chat_model
     base = load_model(str(model), dtype="float32", device="cpu")
     prompts = work / "soak-prompts"
     shutil.rmtree(prompts, ignore_errors=True)
@@ -487,7 +495,7 @@ def trial_soak(model, work, n_requests: int, concurrency: int = 16) -> dict:
         port = s.getsockname()[1]
     log = open(work / "soak-server.log", "w")
     server = subprocess.Popen([sys.executable, "-m", "softprompt", "serve", "--model", str(model), "--prompts",
-                               str(prompts), "--port", str(port), "--watch-interval", "0.5", "--max-waiting", "1024",
+                               str(prompts), "--port", str(port), "--served-model-name", "tiny", "--watch-interval", "0.5", "--max-waiting", "1024",
                                "--max-output-tokens", "16", "--dtype", "float32", "--device", "cpu"], env=ENV,
                               stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -679,7 +687,9 @@ def main() -> int:
         shutil.rmtree(ref, ignore_errors=True)
         r = run_train(model, data, ref)
         assert r.returncode == 0, r.stderr
-    results: dict = {"steps": STEPS, "save_every": SAVE_EVERY}
+    # parts run now replace those in an existing results file; the others are kept
+    results: dict = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {}
+    results.update({"steps": STEPS, "save_every": SAVE_EVERY})
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     trials = {"corrupt": lambda: trial_corrupt(model, data, ref, work),
               "fsize": lambda: trial_fsize(model, data, ref, work),
