@@ -178,7 +178,7 @@ def run_sst2(base, work: Path, quick: bool) -> dict:
     rng.shuffle(shots)
     used = {id(r) for r in shots}
     teacher = "\n\n".join(f"Review: {r['sentence'].strip()}\nSentiment: {words[r['label']]}" for r in shots)
-    n_train, n_held = (16, 16) if quick else (96, 100)
+    n_train, n_held = (16, 16) if quick else (64, 96)
     pool = [r for r in rows if id(r) not in used][:n_train]
     val = read_rows(DATA / "sst2" / "validation.tsv")
     random.Random(1).shuffle(val)
@@ -187,7 +187,7 @@ def run_sst2(base, work: Path, quick: bool) -> dict:
     train_file = write_jsonl(work / "sst2" / "train.jsonl", [{"sentence": r["sentence"].strip(), "output": words[r["label"]]} for r in pool])
     held_file = write_jsonl(work / "sst2" / "heldout.jsonl", [{"sentence": r["sentence"].strip(), "output": words[r["label"]]} for r in val])
     gold = [words[r["label"]] for r in val]
-    steps = 2 if quick else 48
+    steps = 2 if quick else 32
     common = dict(data=str(train_file), validation=str(held_file), input_template=tmpl, virtual_tokens=20,
                   max_new_tokens=2, top_k=64, batch_size=16, steps=steps, progress=False, overwrite=True)
     out = {"settings": {**common, "shots": len(shots), "train_inputs": n_train, "heldout_inputs": n_held}, "results": {}}
@@ -232,7 +232,7 @@ def run_serving(base, work: Path, quick: bool) -> dict:
 
     act = PERSONAS[0]
     text = persona_text(act)
-    folder = work / "personas" / "0-deep_teacher_kv_last"
+    folder = work / "personas" / "0-deep_teacher_kv_even"
     if not (folder / "prompt.safetensors").exists():
         raise SystemExit(f"run `python bench/distill.py personas` first (needs {folder})")
     from softprompt import SoftPrompt

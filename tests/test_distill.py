@@ -62,6 +62,10 @@ def test_distillation_lowers_the_kl(tiny_base, inputs, tmp_path):
     meta = json.loads((tmp_path / "run" / "softprompt.json").read_text())
     assert meta["metrics"]["kl"] == m["kl"] and meta["training"]["job"] == "distill"
     assert meta["template"]["input"] == "{input}" and not meta["template"]["system"]
+    from softprompt.probe import inspect  # an ordinary artifact: inspect reads it (deep prompts it cannot, as for train)
+
+    report = inspect(str(tmp_path / "run"), base=tiny_base)
+    assert len(report["nearest"]) == 4 and report["drift"]["reproducible"]
 
 
 def test_teacher_is_cached_and_resume_is_exact(tiny_base, inputs, tmp_path, monkeypatch):
@@ -138,9 +142,6 @@ def test_cli_artifact_generates_and_exports(tiny_model_dir, inputs, tmp_path, ca
     assert main(["generate", "--prompt", str(out), "--model", str(tiny_model_dir), "--max-new-tokens", "4",
                  "Review : the film was great . Sentiment :"]) == 0
     assert capsys.readouterr().out.strip() != ""
-    assert main(["inspect", str(out), "--model", str(tiny_model_dir), "--json"]) == 0
-    report = json.loads(capsys.readouterr().out)
-    assert report["drift"]["reproducible"] is False and "teacher" in report["drift"]["reason"]
     assert main(["export", "--prompt", str(out), "--output", str(tmp_path / "peft")]) == 0
     config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert config["peft_type"] == "PREFIX_TUNING" and config["num_virtual_tokens"] == 4

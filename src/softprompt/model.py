@@ -493,8 +493,8 @@ class BaseModel:
     def prompt_kv(self, prompt: torch.Tensor, *, first_position: int = 0) -> torch.Tensor:
         """The keys/values [P, 2*layers, kv_dim] that an input-embedding prompt [P, d] leaves in the cache
         (positions 0..P-1). A deep prompt initialised with them computes exactly what the prompt does.
-        `first_position` < 0 shifts the positions (rotary models see only distances, so the states are the same):
-        the last P + first_position keys then sit at 0.. as a shorter prefix that keeps only them needs."""
+        `first_position` shifts the positions. A rotary model sees only distances, so every state stays the same but
+        with e.g. -(P - n) the last n keys are rotated for positions 0..n-1: a shorter prefix keeping only them."""
         layers, heads, head_dim = self.kv_layout
         n = prompt.shape[0]
         out = self.model.base_model(inputs_embeds=prompt.to(self.device, self.dtype)[None], use_cache=True,
