@@ -153,8 +153,9 @@ def train(config: TrainConfig | dict | None = None, /, *, base: BaseModel | None
     planner = BudgetPlanner(length, (started_at if started_at is not None else entered) - state["elapsed"])
     dtype = base.dtype_choice.to_dict() if base.dtype_choice else {"dtype": str(base.dtype).removeprefix("torch.")}
     if world.is_main:
-        log.info("run length: %s%s; %s", length.how, "" if length.budget_s is None else
-                 " (the step count is fixed after timing the first steps)", "chat template on" if cfg.chat else "no chat template")
+        log.info("run length: %s%s; %s; %s (lr %g)", length.how, "" if length.budget_s is None else
+                 " (the step count is fixed after timing the first steps)", "chat template on" if cfg.chat else
+                 "no chat template", "deep prompt" if cfg.deep else "input-embedding prompt", cfg.lr)
     if world.is_main:  # only process 0 writes: checkpoints, log, artifact
         out.mkdir(parents=True, exist_ok=True)
         remove_stale_temps(out)
