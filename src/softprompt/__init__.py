@@ -1,7 +1,8 @@
 """softprompt: train, evaluate, inspect and serve soft prompts (prompt tuning) on frozen language models."""
 
-from .config import TrainConfig
+from .config import DistillConfig, TrainConfig
 from .errors import SoftPromptError
+from .distill import DistillResult, distill
 from .evaluate import evaluate
 from .generate import generate
 from .model import BaseModel, load_model
@@ -9,6 +10,7 @@ from .peft_io import export_peft, import_peft
 from .prompt import SoftPrompt
 from .train import TrainResult, train
 
-__all__ = ["BaseModel", "SoftPrompt", "SoftPromptError", "TrainConfig", "TrainResult", "evaluate", "export_peft",
+__all__ = ["BaseModel", "DistillConfig", "DistillResult", "SoftPrompt", "SoftPromptError", "TrainConfig", "TrainResult",
+           "distill", "evaluate", "export_peft",
            "generate", "import_peft", "load_model", "train"]
 __version__ = "0.1.0"

@@ -10,17 +10,17 @@ import sys
 import time
 import warnings
 
-_STARTED = time.perf_counter()  # a --time-budget counts the user's whole wait: imports and model loading too
-
-from .config import TrainConfig, add_dataclass_args, cli_text, config_from_args
+from .config import DistillConfig, TrainConfig, add_dataclass_args, cli_text, config_from_args
 from .errors import SoftPromptError
+from .progress import show_load_progress
+
+_STARTED = time.perf_counter()  # a --time-budget counts the user's whole wait: imports and model loading too
 
 
 def _cmd_train(args) -> int:
     from .train import train
 
     cfg = config_from_args(TrainConfig, args)
-    _say(f"loading model {cfg.model or 'embedded SmolLM2-135M-Instruct'} ...")
     try:
         result = train(cfg, started_at=_STARTED)
     except KeyboardInterrupt:
@@ -31,6 +31,21 @@ def _cmd_train(args) -> int:
          f"final train loss {m['final_train_loss']:.4f}"
          + (f", best validation {m['best_val_accuracy']:.4f} at step {m['best_step']}" if "best_val_accuracy" in m else "")
          + ")")
+    return 0
+
+
+def _cmd_distill(args) -> int:
+    from .distill import distill, format_report
+
+    cfg = config_from_args(DistillConfig, args)
+    try:
+        result = distill(cfg)
+    except KeyboardInterrupt:
+        _say(f"interrupted: checkpoint saved in {cfg.output}; continue with --resume")
+        return 130
+    m = result.metrics
+    _say(f"wrote {result.output} ({m['steps']} steps, {m['wall_time_s']:.0f}s, final train KL {m['final_train_loss']:.4f})")
+    print(format_report(m))
     return 0
 
 
@@ -108,6 +123,26 @@ def _cmd_export(args) -> int:
     return 0
 
 
+def _cmd_vllm_request(args) -> int:
+    from .vllm_client import completion_request
+
+    texts = args.text or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    if not texts:
+        raise SoftPromptError("no input text: pass it as an argument or on standard input")
+    body = completion_request(texts[0] if len(texts) == 1 else texts, args.prompt, model=args.model,
+                              served_model_name=args.served_model_name, max_tokens=args.max_tokens,
+                              temperature=args.temperature, top_p=args.top_p, stop=args.stop or (), raw=args.raw,
+                              embeds_dtype=args.embeds_dtype, dtype=args.dtype, device=args.device)
+    text = json.dumps(body)
+    if not args.output:
+        print(text)
+        return 0
+    with open(args.output, "w", encoding="utf-8") as f:
+        f.write(text)
+    _say(f"wrote {args.output}: POST it to a vLLM server started with --enable-prompt-embeds (docs/vllm.md)")
+    return 0
+
+
 def _cmd_import(args) -> int:
     from .peft_io import import_peft
 
@@ -140,15 +175,16 @@ def _cmd_serve(args) -> int:
     import logging
 
     from .model import load_model
-    from .serve import ServeConfig, run_server
+    from .serve import ServeConfig, check_exposure, read_api_key, run_server
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(name)s: %(message)s")
-    cfg = ServeConfig(host=args.host, port=args.port, api_key=args.api_key or os.environ.get("SOFTPROMPT_API_KEY") or None,
+    cfg = ServeConfig(host=args.host, port=args.port, api_key=read_api_key(args.api_key, args.api_key_file),
+                      allow_no_api_key=args.allow_no_api_key,
                       served_model_name=args.served_model_name, max_running=args.max_running,
                       max_waiting=args.max_waiting, max_input_tokens=args.max_input_tokens,
                       max_output_tokens=args.max_output_tokens, request_timeout=args.timeout,
                       max_body_bytes=args.max_body_bytes, watch_interval=args.watch_interval)
-    _say(f"loading model {args.model or 'embedded SmolLM2-135M-Instruct'} ...")
+    check_exposure(cfg)  # before the model load, not 20 s later
     base = load_model(args.model, dtype=args.dtype, device=args.device)
     run_server(base, args.prompts, cfg)
     return 0
@@ -163,12 +199,22 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_args(p, TrainConfig)
     p.set_defaults(func=_cmd_train)
 
+    p = sub.add_parser("distill", help="distil a long prompt into a soft prompt (prompt compression)",
+                       description="Train a soft prompt so that the model without the long --teacher prompt behaves "
+                                   "as it does with it: KL to the teacher's next-token distributions along its own "
+                                   "greedy continuations of --data's inputs. Reports agreement, KL and prefill "
+                                   "speed-up on held-out inputs.")
+    p.add_argument("--config", help="JSON/YAML/TOML file with any of the fields below (flags win)")
+    add_dataclass_args(p, DistillConfig)
+    p.set_defaults(func=_cmd_distill)
+
     p = sub.add_parser("eval", help="evaluate prompts and baselines on data (classification, generation, lm)",
                        description="Score soft prompts and baselines (untuned model, hand-written instruction, "
                                    "k-shot examples) on the same rows, and print one table (or --json).")
     p.add_argument("--prompt", action="append", help="prompt artifact or PEFT adapter directory (repeatable; "
                    "omit: the untuned model)")
-    p.add_argument("--data", required=True)
+    p.add_argument("--data", required=True, help="a data file, a Hugging Face dataset folder (FOLDER[@SPLIT]) or "
+                   "hf:ID[:CONFIG][@SPLIT] (README, Train)")
     p.add_argument("--task", default="auto", choices=["auto", "classification", "generation", "lm"],
                    help="auto: lm for an empty input template, classification for a small label set, else generation")
     p.add_argument("--baselines", help="comma list of untuned, instruction, kshot; 'all' (those whose inputs are "
@@ -211,6 +257,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-model", help="base_model_name_or_path to record (default: the prompt's base)")
     p.set_defaults(func=_cmd_export)
 
+    p = sub.add_parser("vllm-request", help="a /v1/completions body with prompt_embeds for a vLLM server",
+                       description="Print (or --output) the JSON body of a vLLM /v1/completions request whose "
+                                   "prompt_embeds are the prompt's virtual tokens + the input's token embeddings, the "
+                                   "template applied as `generate` does. Serve with `vllm serve MODEL "
+                                   "--enable-prompt-embeds`; see docs/vllm.md.")
+    p.add_argument("text", nargs="*", help="input text(s), one choice each; read from stdin when none")
+    p.add_argument("--prompt", required=True, help="prompt artifact or PEFT adapter directory (input-embedding "
+                   "prompts only)")
+    p.add_argument("--served-model-name", help="the request's model field (default: the prompt's base model)")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--raw", action="store_true", help="do not apply the prompt's input template")
+    p.add_argument("--embeds-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="tensor dtype in the payload (vLLM casts to its own; bfloat16 halves the size)")
+    p.add_argument("--output", help="write the JSON body here instead of standard output")
+    _common_model_args(p)
+    p.set_defaults(func=_cmd_vllm_request)
+
     p = sub.add_parser("import", help="convert a PEFT prompt-tuning adapter into a softprompt artifact")
     p.add_argument("adapter")
     p.add_argument("--output", required=True)
@@ -241,7 +307,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", required=True, help="folder of prompt artifacts / PEFT prompt-tuning adapters, one per subfolder")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", help="require `Authorization: Bearer KEY` (default: $SOFTPROMPT_API_KEY, else none)")
+    p.add_argument("--api-key", help="require `Authorization: Bearer KEY` (default: $SOFTPROMPT_API_KEY, else none; "
+                   "visible in the process list: prefer --api-key-file or the variable)")
+    p.add_argument("--api-key-file", help="read the API key from this file (its first line)")
+    p.add_argument("--allow-no-api-key", action="store_true", help="serve a non-loopback --host without an API key "
+                   "(refused by default)")
     p.add_argument("--served-model-name", help="the base model's name in requests (default: from --model)")
     p.add_argument("--max-running", type=int, default=32, help="sequences decoded together")
     p.add_argument("--max-waiting", type=int, default=256, help="queued sequences; beyond this, 429")
@@ -289,6 +359,8 @@ def main(argv: list[str] | None = None) -> int:
     _log_to_stderr()
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     args = build_parser().parse_args(argv)
+    if args.command != "demo" and os.environ.get("RANK", "0") == "0":  # the demo prints its own loading line
+        show_load_progress()  # "loading model X ... done in 21s" on stderr
     debug = bool(os.environ.get("SOFTPROMPT_DEBUG"))
     try:
         return args.func(args)

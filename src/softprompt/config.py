@@ -25,10 +25,10 @@ def opt(default: Any, help: str, **kw) -> Any:
 
 @dataclass
 class TrainConfig:
-    data: str = opt(None, "training data: .jsonl/.json/.csv/.tsv/.parquet", required=True)
+    data: str = opt(None, "training data: .jsonl/.json/.csv/.tsv/.parquet, a Hugging Face dataset folder (FOLDER[@SPLIT]) or hf:ID[:CONFIG][@SPLIT]", required=True)
     output: str = opt(None, "artifact directory to write (prompt.safetensors, softprompt.json, log, plot)", required=True)
     model: str | None = opt(None, "hub id, local folder or .gguf file (default: embedded SmolLM2-135M-Instruct)")
-    validation: str | None = opt(None, "validation data, evaluated every --eval-every steps; the best prompt is kept")
+    validation: str | None = opt(None, "validation data (same forms as --data), evaluated every --eval-every steps; the best prompt is kept")
     input_template: str = opt("{input}", "how a row becomes the input text, e.g. 'Review: {sentence}\\nSentiment:'", escapes=True)
     output_template: str | None = opt(None, "how a row becomes the answer (default ' {output}'; '{output}' with --chat)", escapes=True)
     label_map: str | None = opt(None, "turn label values into words, e.g. 0=negative,1=positive")
@@ -72,6 +72,50 @@ class TrainConfig:
     fsdp: bool = opt(False, "shard the frozen base's transformer blocks across processes (PyTorch FSDP2; launch with torchrun/accelerate)")
     trust_remote_code: bool = opt(False, "allow the model's own code from the hub (off by default)")
     progress: bool = opt(True, "show a progress bar")
+    report_to: str | None = opt(None, "also log loss, lr, tokens/s, validation metrics and the config to: tensorboard "
+                                      "(OUTPUT/tensorboard) and/or wandb (offline, OUTPUT/wandb); comma list")
+
+
+@dataclass
+class DistillConfig:
+    """`softprompt distill`: a long hard prompt (the teacher) -> a few virtual tokens (the student)."""
+
+    teacher: str = opt(None, "the long prompt to distil: its text, or a file holding it", required=True, escapes=True)
+    data: str = opt(None, "inputs to distil on (.jsonl/.json/.csv/.tsv/.parquet); rows with an output are gold answers for --gold-weight", required=True)
+    output: str = opt(None, "artifact directory to write (prompt, teacher cache, checkpoint, log)", required=True)
+    model: str | None = opt(None, "hub id, local folder or .gguf file (default: embedded SmolLM2-135M-Instruct)")
+    validation: str | None = opt(None, "held-out inputs for the report (default: --holdout of --data)")
+    holdout: float = opt(0.1, "without --validation: this fraction of --data (at least 1 row) is held out for the report; 0: no report")
+    input_template: str = opt("{input}", "how a row becomes the input text", escapes=True)
+    output_template: str | None = opt(None, "how a row becomes its gold answer (default ' {output}'; '{output}' with --chat)", escapes=True)
+    chat: bool = opt(False, "wrap inputs in the chat template; the teacher prompt is then the system message")
+    separator: str = opt("\n\n", "without --chat: what goes between the teacher prompt and the input", escapes=True)
+    virtual_tokens: int = opt(20, "virtual tokens of the student (at most the teacher prompt's length with --init teacher)")
+    deep: bool = opt(False, "deep prompt: train keys/values at every layer (a KV prefix)")
+    init: str = opt("teacher", "teacher (the teacher prompt's own token embeddings, or with --deep its keys/values) | vocab | random | text")
+    init_text: str | None = opt(None, "text for --init text", escapes=True)
+    compress: str = opt("even", "with --init teacher and fewer virtual tokens than teacher tokens: which positions to keep: even (evenly spaced, the first included) | sink (the first + the last) | last | first")
+    max_new_tokens: int = opt(32, "length of the teacher's greedy continuations (the positions the KL is taken at)")
+    top_k: int = opt(64, "teacher log-probs stored per position; the rest of the vocabulary is one renormalised tail bucket")
+    gold_weight: float = opt(0.0, "add this x the gold answers' NLL (rows that have an output) to the KL")
+    steps: int | None = opt(None, "optimizer steps (overrides --epochs)")
+    epochs: float = opt(3.0, "passes over the inputs when --steps is not given")
+    batch_size: int = opt(8, "inputs per optimizer step")
+    grad_accum: int = opt(1, "split each step's batch into this many micro-batches")
+    lr: float | None = opt(None, "peak learning rate (default as train: 0.1; 0.01 with --deep)")
+    warmup: float = opt(0.06, "warmup as a fraction of steps (<1) or a number of steps (>=1)")
+    schedule: str = opt("cosine", "cosine | linear | constant")
+    weight_decay: float = opt(0.0, "AdamW weight decay on the prompt")
+    max_grad_norm: float = opt(1.0, "gradient clipping (0 disables)")
+    max_length: int = opt(1024, "max tokens of teacher prompt + input + continuation (longer is an error, never cut)")
+    save_every: int = opt(50, "write a checkpoint every N steps (and on Ctrl-C)")
+    seed: int = opt(0, "seed for the init, the holdout split and data order")
+    dtype: str = opt("auto", "base model dtype: auto | float32 | bfloat16 | float16")
+    device: str = opt("auto", "auto | cpu | cuda | cuda:N")
+    resume: bool = opt(False, "continue from OUTPUT/checkpoint.safetensors (the teacher cache is reused)")
+    overwrite: bool = opt(False, "start over even if OUTPUT already holds a run")
+    trust_remote_code: bool = opt(False, "allow the model's own code from the hub (off by default)")
+    progress: bool = opt(True, "show progress bars")
 
 
 def from_kwargs(cls, config: Any = None, **kwargs) -> Any:
@@ -118,7 +162,8 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, positional: tuple[s
     for f in fields(cls):
         flag = f.name if f.name in positional else "--" + f.name.replace("_", "-")
         default = None if f.default is MISSING else f.default
-        help_text = f.metadata.get("help", "") + ("" if default in (None, False) else f" (default: {default})")
+        shown = default.encode("unicode_escape").decode() if isinstance(default, str) else default  # "\n" visible
+        help_text = f.metadata.get("help", "") + ("" if default in (None, False) else f" (default: {shown})")
         help_text = help_text.replace("%", "%%")  # argparse formats help strings with %
         typ = hints[f.name]
         if typ is bool or set(get_args(typ)) == {bool, type(None)}:  # --x / --no-x (unset: None, the default)

@@ -1,5 +1,5 @@
-"""Read rows (jsonl/json/csv/tsv/parquet), format them with templates, tokenise with loss on the answer only,
-and batch by length.
+"""Read rows (jsonl/json/csv/tsv/parquet, Hugging Face datasets), format them with templates, tokenise with loss
+on the answer only, and batch by length.
 
 A template turns a row into (input text, output text). Loss is on the output tokens only; with an empty
 input template (`lm=True`) the whole text is the output, which is language modelling on a corpus.
@@ -8,7 +8,10 @@ input template (`lm=True`) the whole text is the output, which is language model
 from __future__ import annotations
 
 import csv
+import functools
+import io
 import json
+import math
 import random
 import string
 import warnings
@@ -19,6 +22,7 @@ from typing import Any, Iterator
 import torch
 
 from .errors import SoftPromptError
+from .hf_data import parse_source, read_hf_rows
 
 csv.field_size_limit(2**31 - 1)
 
@@ -27,7 +31,11 @@ csv.field_size_limit(2**31 - 1)
 
 
 def read_rows(path: str | Path) -> list[dict[str, Any]]:
-    """Rows as dicts. Errors name the file and line."""
+    """Rows as dicts from a file, or from a Hugging Face dataset (a folder, `hf:ID[:CONFIG][@SPLIT]`; see
+    hf_data.py). Errors name the file and line."""
+    hf_source = parse_source(path)
+    if hf_source is not None:
+        return read_hf_rows(hf_source)
     path = Path(path)
     if not path.is_file():
         raise SoftPromptError(f"data file not found: {path}")
@@ -36,13 +44,15 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
         rows = _read_jsonl(path)
     elif suffix == ".json":
         try:
-            rows = json.loads(path.read_text(encoding="utf-8"))
+            rows = json.loads(_read_text(path))
         except json.JSONDecodeError as e:
             raise SoftPromptError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+        except ValueError as e:  # an integer over Python's 4,300-digit limit
+            raise SoftPromptError(f"{path}: invalid JSON ({e})") from None
         if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
             raise SoftPromptError(f"{path}: a .json data file must hold a list of objects")
     elif suffix in (".csv", ".tsv"):
-        with path.open(newline="", encoding="utf-8") as f:
+        with io.StringIO(_read_text(path), newline="") as f:
             # skipinitialspace: hand-edited CSVs write `"a", "b, c"`; without it the space before the quote makes
             # the second cell unquoted and its commas split it (awesome-chatgpt-prompts has such a row).
             reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",",
@@ -68,19 +78,34 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
+def _read_text(path: Path) -> str:
+    """The whole file as text: UTF-8, a BOM dropped (Excel writes one), else a one-line error naming the line."""
+    data = path.read_bytes()
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        raise SoftPromptError(f"{path}: the file is UTF-16 text; save it as UTF-8")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        what = "binary data, not text" if b"\x00" in data[:4096] else f"not UTF-8 text (byte {data[e.start]:#04x})"
+        raise SoftPromptError(f"{path}:{line}: {what}; data files must be UTF-8") from None
+
+
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SoftPromptError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise SoftPromptError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
+    # split on "\n" only: str.splitlines would also split inside strings holding U+2028 (valid JSON)
+    for lineno, line in enumerate(_read_text(path).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise SoftPromptError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+        except ValueError as e:  # an integer over Python's 4,300-digit limit
+            raise SoftPromptError(f"{path}:{lineno}: invalid JSON ({e})") from None
+        if not isinstance(row, dict):
+            raise SoftPromptError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+        rows.append(row)
     return rows
 
 
@@ -131,7 +156,7 @@ class Template:
         return _format(self.input, self._mapped(row), where)
 
     def render_output(self, row: dict[str, Any], where: str = "row") -> str:
-        text = _format(self.output, self._mapped(row), where)
+        text = _format(self.output, self._mapped(row), where, output=True)
         # The assistant turn starts the answer: " positive" (inline data's usual leading space) is "positive" there.
         return text.lstrip() if self.chat else text
 
@@ -142,7 +167,27 @@ class Template:
         return {k: self.label_map.get(str(v), v) if k in self.fields("output") else v for k, v in row.items()}
 
 
-def _format(template: str, row: dict[str, Any], where: str) -> str:
+@functools.lru_cache(maxsize=256)
+def _plain_fields(template: str) -> tuple[str, ...]:
+    """Fields a template uses whole (`{x}`, not `{x[0]}` or `{x.y}`)."""
+    return tuple(n for _, n, _, _ in string.Formatter().parse(template) if n and n.isidentifier())
+
+
+def _check_values(template: str, row: dict[str, Any], where: str, output: bool) -> None:
+    """Values that would train on garbage text ("nan", "{'a': 1}", or an empty answer for null): refuse them."""
+    for name in _plain_fields(template):
+        v = row.get(name)
+        if isinstance(v, float) and not math.isfinite(v):
+            raise SoftPromptError(f"{where}: field {name!r} is {v} (NaN/Infinity), not text")
+        if isinstance(v, (dict, list)):
+            raise SoftPromptError(f"{where}: field {name!r} is a nested {'object' if isinstance(v, dict) else 'list'}, "
+                                  "not text: flatten it, or use a template field like {" + name + "[key]}")
+        if v is None and output and name in row:
+            raise SoftPromptError(f"{where}: field {name!r} is null: there is no answer to learn or score")
+
+
+def _format(template: str, row: dict[str, Any], where: str, *, output: bool = False) -> str:
+    _check_values(template, row, where, output)
     try:
         return template.format(**{k: "" if v is None else v for k, v in row.items()})
     except KeyError as e:

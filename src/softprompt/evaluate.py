@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from .data import Encoded, Encoder, Template, collate, label_set, read_rows
 from .errors import SoftPromptError
+from .hf_data import is_local_dataset
 from .metrics import accuracy, generation_metrics, macro_f1
 from .model import BaseModel, load_model
 from .prompt import SoftPrompt
@@ -439,7 +440,8 @@ def evaluate(
     if "kshot" in wanted and (not shot_file or shots <= 0):
         raise SoftPromptError("the k-shot baseline needs --shots-from FILE (or a prompt whose training data exists) "
                               "and --shots > 0")
-    if shot_file and shots > 0 and ("kshot" in wanted or (auto and os.path.isfile(shot_file))):
+    readable = shot_file and (os.path.isfile(shot_file) or is_local_dataset(shot_file))  # no network for a baseline
+    if shot_file and shots > 0 and ("kshot" in wanted or (auto and readable)):
         shot_rows = read_rows(shot_file)
         systems.append(System(f"{shots}-shot", prefix=kshot_prefix(template, shot_rows, shots, seed, str(shot_file))))
     for p, sp in zip(prompts, loaded):

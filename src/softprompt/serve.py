@@ -55,6 +55,7 @@ class ServeConfig:
     max_prompt_bytes: int = 64 << 20  # largest prompt tensor file read
     max_virtual_tokens: int = 1024
     max_n: int = 8
+    allow_no_api_key: bool = False  # run_server refuses a non-local --host without an API key unless this is set
 
 
 # ---- prompts on disk ----------------------------------------------------------------------------------
@@ -145,8 +146,8 @@ class PromptRegistry:
                 self._signatures[name] = sig
                 try:
                     entries[name] = self._load(name, path)
-                except (SoftPromptError, OSError, ValueError, RuntimeError) as e:
-                    self.errors[name] = str(e)
+                except Exception as e:  # noqa: BLE001  one bad folder never blocks the others (or the server)
+                    self.errors[name] = str(e) if isinstance(e, SoftPromptError) else f"{type(e).__name__}: {e}"
                     report["failed"].append(name)
                     log.warning("prompt %s not loaded: %s", name, e)
                     continue
@@ -303,7 +304,14 @@ def create_app(base: BaseModel, prompts_dir: str | os.PathLike | None, config: S
             raise ApiError(400, "empty request body: send a JSON object", code="invalid_json")
         try:
             obj = json.loads(body)
+            # A lone surrogate ("\ud800") parses, but no tokenizer or response can encode it: refuse it here.
+            json.dumps(obj, ensure_ascii=False).encode("utf-8")
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ApiError(400, f"malformed JSON in the request body: {e}", code="invalid_json") from None
+        except UnicodeEncodeError:
+            raise ApiError(400, "the request body holds a lone UTF-16 surrogate (e.g. \\ud800): not valid Unicode text",
+                           code="invalid_json") from None
+        except ValueError as e:  # e.g. an integer over Python's 4,300-digit conversion limit
             raise ApiError(400, f"malformed JSON in the request body: {e}", code="invalid_json") from None
         except RecursionError:
             raise ApiError(400, "malformed JSON in the request body: nested too deeply", code="invalid_json") from None
@@ -328,7 +336,10 @@ def create_app(base: BaseModel, prompts_dir: str | os.PathLike | None, config: S
                 if any(t < 0 or t >= base.vocab_size for t in ids):
                     raise ApiError(400, f"prompt: token ids must be in [0, {base.vocab_size})", param="prompt")
             return req.token_prompts
-        template = Template.from_dict(entry.meta.get("template")) if req.use_template and entry and entry.meta.get("template") else None
+        try:
+            template = Template.from_dict(entry.meta.get("template")) if req.use_template and entry and entry.meta.get("template") else None
+        except (SoftPromptError, TypeError, AttributeError, ValueError) as e:  # a hand-edited template
+            raise ApiError(400, f"use_template: this prompt's saved template is invalid ({e})", param="use_template") from None
         if req.use_template and template is None:
             raise ApiError(400, "use_template: this prompt has no saved template", param="use_template")
         if template is not None:
@@ -336,7 +347,7 @@ def create_app(base: BaseModel, prompts_dir: str | os.PathLike | None, config: S
 
             try:
                 return [Encoder(tok, template).input_ids(fill_template(template, t)) for t in req.texts]
-            except SoftPromptError as e:
+            except Exception as e:  # noqa: BLE001  the saved template or its chat template rejected this input
                 raise ApiError(400, f"prompt: {e}", param="prompt") from None
         encoder = Encoder(tok, Template())
         return [encoder.input_ids(t) for t in req.texts]
@@ -549,7 +560,7 @@ def create_app(base: BaseModel, prompts_dir: str | os.PathLike | None, config: S
             entry = await asyncio.to_thread(registry.add, name)
         except FileNotFoundError as e:
             raise ApiError(404, str(e), code="prompt_not_found") from None
-        except (SoftPromptError, OSError, ValueError, RuntimeError) as e:
+        except Exception as e:  # noqa: BLE001  whatever is in the folder, the answer is "this prompt is bad"
             raise ApiError(400, f"prompt {name!r} not loaded: {e}", code="prompt_invalid") from None
         return JSONResponse({"name": entry.name, "n_virtual_tokens": entry.n_virtual_tokens, "version": entry.version})
 
@@ -649,13 +660,52 @@ class _Guard:
         return False
 
 
+def is_loopback(host: str) -> bool:
+    """True for addresses only this machine can reach (127.0.0.0/8, ::1, localhost)."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
+def check_exposure(cfg: ServeConfig) -> None:
+    """Refuse to serve beyond this machine without an API key, unless told the network is trusted."""
+    if is_loopback(cfg.host) or cfg.api_key:
+        return
+    if not cfg.allow_no_api_key:
+        raise SoftPromptError(f"--host {cfg.host} without an API key would let anyone who can reach this address use "
+                              "the server: set --api-key-file FILE or $SOFTPROMPT_API_KEY, or pass --allow-no-api-key "
+                              "if the network is trusted")
+    log.warning("serving on %s without an API key (--allow-no-api-key): anyone who can reach it can use it", cfg.host)
+
+
+def read_api_key(api_key: str | None = None, api_key_file: str | os.PathLike | None = None) -> str | None:
+    """The key from --api-key, else --api-key-file (first line), else $SOFTPROMPT_API_KEY; a file or the environment
+    keeps it out of the process list."""
+    if api_key and api_key_file:
+        raise SoftPromptError("give --api-key or --api-key-file, not both")
+    if api_key_file:
+        path = Path(api_key_file).expanduser()
+        try:
+            key = path.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise SoftPromptError(f"--api-key-file {path}: cannot read ({getattr(e, 'strerror', None) or e})") from None
+        if not key or "\n" in key:
+            raise SoftPromptError(f"--api-key-file {path}: expected the key alone on one line")
+        return key
+    return api_key or os.environ.get("SOFTPROMPT_API_KEY") or None
+
+
 def run_server(base: BaseModel, prompts_dir: str | os.PathLike | None, config: ServeConfig | None = None) -> None:
     """Serve until SIGINT/SIGTERM; then stop accepting, let in-flight requests finish, and exit."""
     import uvicorn
 
     cfg = config or ServeConfig()
-    if cfg.host not in ("127.0.0.1", "localhost", "::1") and not cfg.api_key:
-        log.warning("serving on %s without an API key: anyone who can reach this address can use it", cfg.host)
+    check_exposure(cfg)
     app = create_app(base, prompts_dir, cfg)
     limit = cfg.max_connections or (cfg.max_running + cfg.max_waiting + 16)
     uv = uvicorn.Config(app, host=cfg.host, port=cfg.port, lifespan="on", limit_concurrency=limit,

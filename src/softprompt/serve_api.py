@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from .generate import GREEDY_BELOW
 from .scheduler import SamplingParams
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
@@ -67,8 +68,10 @@ def get_number(body: dict, name: str, default: float, *, lo: float, hi: float, l
     v = body.get(name, default)
     if v is None:
         return default
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise _bad(name, f"expected a number, got {_type_name(v)}")
+    if not math.isfinite(v):
+        raise _bad(name, f"must be a finite number, got {v}")
     if v < lo or (lo_open and v == lo) or v > hi:
         raise _bad(name, f"must be in {'(' if lo_open else '['}{lo}, {hi}], got {v}")
     return float(v)
@@ -159,8 +162,9 @@ def _sampling(body: dict, limits: Limits, max_tokens_names: tuple[str, ...], def
         raise _bad("seed", f"expected an integer, got {_type_name(seed)}")
     if seed is not None and not (-(2**63) <= seed < 2**63):
         raise _bad("seed", "must fit in 64 bits")
+    temperature = get_number(body, "temperature", 1.0, lo=0.0, hi=2.0)
     return SamplingParams(max_tokens=max_tokens,
-                          temperature=get_number(body, "temperature", 1.0, lo=0.0, hi=2.0),
+                          temperature=0.0 if temperature < GREEDY_BELOW else temperature,  # 1e-300 is greedy
                           top_p=get_number(body, "top_p", 1.0, lo=0.0, hi=1.0, lo_open=True),
                           seed=None if seed is None else seed % 2**63, stop=stops)
 

@@ -24,11 +24,12 @@ from .budget import BudgetPlanner, RunLength
 from .evaluate import prepare as prepare_eval, score
 from .config import TrainConfig, from_kwargs
 from .distributed import World, init_world, shard_frozen_base
-from .data import Encoder, Template, collate, epoch_batches, label_set, read_rows
+from .data import Encoded, Encoder, Template, collate, epoch_batches, label_set, read_rows
 from .errors import SoftPromptError
 from .model import BaseModel, load_model
-from .prompt import META_FILE, TENSOR_FILE, SoftPrompt, atomic_write
+from .prompt import MAX_PROMPT_ABS, META_FILE, TENSOR_FILE, SoftPrompt, atomic_write, remove_stale_temps
 from .reparam import ReparamPrompt
+from .trackers import Reporter
 
 CHECKPOINT = "checkpoint.safetensors"
 LOG = "metrics.jsonl"
@@ -75,13 +76,16 @@ def lr_at(step: int, cfg: TrainConfig, total: int) -> float:
 
 def train(config: TrainConfig | dict | None = None, /, *, base: BaseModel | None = None,
           on_step: Callable[[int, dict], None] | None = None, started_at: float | None = None,
-          **kwargs) -> TrainResult:
+          examples: list[Encoded] | None = None, start: SoftPrompt | None = None,
+          piece_loss: PieceLoss | None = None, **kwargs) -> TrainResult:
     """Train a soft prompt on a frozen model and write its artifact to `output`.
 
     Accepts a TrainConfig, a dict, or its fields as keyword arguments: `train(data=..., output=...)`.
     `base` reuses an already loaded model; `on_step(step, metrics)` is called after every step, the metrics
     holding also "prompt": the current prompt tensor (detached; a snapshot needs a copy). `started_at`
     (time.perf_counter()) is when the user's wait began, for a time budget (default: this call).
+    Jobs built on this loop (distill.py) pass their own encoded `examples` (cfg.data is then only recorded),
+    the `start` prompt, and the `piece_loss` (default: answer NLL, `nll_loss`).
     """
     entered = time.perf_counter()  # a --time-budget counts from here: model loading is part of the user's wait
     cfg = from_kwargs(TrainConfig, config, **kwargs)
@@ -95,13 +99,13 @@ def train(config: TrainConfig | dict | None = None, /, *, base: BaseModel | None
         raise SoftPromptError(f"{out} already holds a run; pass --resume to continue it or --overwrite to start over")
     if cfg.batch_size < 1 or cfg.grad_accum < 1 or cfg.batch_size % cfg.grad_accum:
         raise SoftPromptError("batch_size must be a positive multiple of grad_accum")
-    if cfg.save_every < 1:
-        raise SoftPromptError(f"save_every must be >= 1, got {cfg.save_every}")
+    check_numbers(cfg)
     if cfg.system is not None and (cfg.chat is False or cfg.lm):
         raise SoftPromptError("system: a system message needs --chat (it goes into the chat template); "
                               "without --chat put the text in --input-template")
     RunLength.from_config(cfg.steps, cfg.epochs, cfg.time_budget, 1)  # a bad --steps / --time-budget fails early
-    train_rows = read_rows(cfg.data)
+    reporter = Reporter(cfg.report_to)  # a missing tracker package fails here, before the model loads
+    train_rows = read_rows(cfg.data) if examples is None else None
     val_rows = read_rows(cfg.validation) if cfg.validation else None
     if cfg.eval_limit and val_rows:
         val_rows = val_rows[: cfg.eval_limit]
@@ -124,12 +128,15 @@ def train(config: TrainConfig | dict | None = None, /, *, base: BaseModel | None
     if cfg.fsdp:
         shard_frozen_base(base.model, world)
     max_length = min(cfg.max_length, base.max_positions - cfg.virtual_tokens)
-    examples = Encoder(base.tokenizer, template, max_length=max_length, score_first=not cfg.deep).encode_rows(train_rows, cfg.data)
+    if examples is None:
+        examples = Encoder(base.tokenizer, template, max_length=max_length, score_first=not cfg.deep).encode_rows(train_rows, cfg.data)
     valset = prepare_eval(base, template, val_rows, source=cfg.validation, max_length=max_length) if val_rows else None
-    labels = valset.labels if valset else label_set(template, train_rows)
-
-    init = SoftPrompt.initialise(base, cfg.virtual_tokens, cfg.init, init_text=cfg.init_text, labels=labels,
-                                 init_prompt=cfg.init_prompt, seed=cfg.seed, deep=cfg.deep)
+    if start is not None:
+        init = start
+    else:
+        labels = valset.labels if valset else (label_set(template, train_rows) if train_rows else None)
+        init = SoftPrompt.initialise(base, cfg.virtual_tokens, cfg.init, init_text=cfg.init_text, labels=labels,
+                                     init_prompt=cfg.init_prompt, seed=cfg.seed, deep=cfg.deep)
     # The trainable module: forward() -> the prompt tensor; parameters() are all that trains.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)  # the reparameterisation encoder's init is part of the run's identity
@@ -146,11 +153,14 @@ def train(config: TrainConfig | dict | None = None, /, *, base: BaseModel | None
     planner = BudgetPlanner(length, (started_at if started_at is not None else entered) - state["elapsed"])
     dtype = base.dtype_choice.to_dict() if base.dtype_choice else {"dtype": str(base.dtype).removeprefix("torch.")}
     if world.is_main:
-        log.info("run length: %s%s; %s", length.how, "" if length.budget_s is None else
-                 " (the step count is fixed after timing the first steps)", "chat template on" if cfg.chat else "no chat template")
+        log.info("run length: %s%s; %s; %s (lr %g)", length.how, "" if length.budget_s is None else
+                 " (the step count is fixed after timing the first steps)", "chat template on" if cfg.chat else
+                 "no chat template", "deep prompt" if cfg.deep else "input-embedding prompt", cfg.lr)
     if world.is_main:  # only process 0 writes: checkpoints, log, artifact
         out.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(out)
         _trim_log(out / LOG, state["step"])
+        reporter.open(out, asdict(cfg), state["step"])
 
     def save_checkpoint():
         if world.is_main:
@@ -174,7 +184,8 @@ def train(config: TrainConfig | dict | None = None, /, *, base: BaseModel | None
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(state["step"], cfg, total)
                 batch = [examples[i] for i in indices]
-                loss, tokens = _step(base, prompt, optimizer, batch, cfg, pad_id, world)
+                loss, tokens = _step(base, prompt, optimizer, batch, cfg, pad_id, world, piece_loss or nll_loss)
+                _check_finite(loss, prompt, state["step"] + 1, ckpt_path)
                 state["step"] += 1
                 state["batch_in_epoch"] += 1
                 state["examples"] += len(batch)
@@ -210,6 +221,7 @@ def train(config: TrainConfig | dict | None = None, /, *, base: BaseModel | None
                         log.info(said)
                 if world.is_main:
                     _append_log(out / LOG, record)
+                    reporter.log(record)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{state['tokens'] / max(state['elapsed'], 1e-9):.0f}",
                                 **({"val": f"{record['val_accuracy']:.3f}"} if "val_accuracy" in record else {}))
@@ -225,6 +237,8 @@ def train(config: TrainConfig | dict | None = None, /, *, base: BaseModel | None
         save_checkpoint()
         bar.close()
         raise
+    finally:
+        reporter.close()
     bar.close()
     save_checkpoint()
 
@@ -273,13 +287,26 @@ def _agree_on_plan(world: World, state: dict, device: torch.device) -> None:
     state["total"], state["next_plan"] = int(plan[0]), None if plan[1] < 0 else int(plan[1])
 
 
-def _step(base: BaseModel, prompt: torch.nn.Module, optimizer, batch, cfg: TrainConfig, pad_id: int,
-          world: World = World()) -> tuple[float, int]:
-    """One optimizer step over the global `batch`: this process's rows, in grad_accum micro-batches.
-    Loss = mean NLL per answer token of the whole batch, so splitting it (accumulation, processes) changes
-    nothing but float summation order."""
-    optimizer.zero_grad(set_to_none=True)
+# A step's loss, piece by piece: (base, prompt tensor, micro-batch, whole global batch, pad id) -> scalar, the
+# piece's share of the batch loss (summed over its rows, divided by a count over the whole batch).
+PieceLoss = Callable[[BaseModel, torch.Tensor, list, list, int], torch.Tensor]
+
+
+def nll_loss(base: BaseModel, prompt: torch.Tensor, piece: list[Encoded], batch: list[Encoded], pad_id: int) -> torch.Tensor:
+    """Mean NLL per answer token of the whole batch, this piece's part of it."""
     label_tokens = sum(sum(1 for t in e.labels if t != -100) for e in batch)
+    tensors = collate(piece, pad_id)
+    prompted = base.prepend_prompts(tensors["input_ids"], tensors["attention_mask"], prompt, tensors["labels"])
+    nll, _ = base.sequence_nll(prompted)
+    return nll.sum() / label_tokens
+
+
+def _step(base: BaseModel, prompt: torch.nn.Module, optimizer, batch, cfg: TrainConfig, pad_id: int,
+          world: World = World(), piece_loss: PieceLoss = nll_loss) -> tuple[float, int]:
+    """One optimizer step over the global `batch`: this process's rows, in grad_accum micro-batches.
+    Loss = `piece_loss` summed over pieces (default: mean NLL per answer token of the whole batch), so
+    splitting the batch (accumulation, processes) changes nothing but float summation order."""
+    optimizer.zero_grad(set_to_none=True)
     mine = batch[world.rank::world.size]
     micro = math.ceil(len(mine) / cfg.grad_accum)
     # Under FSDP every process must run the same number of forwards (each holds collectives), even with
@@ -290,13 +317,10 @@ def _step(base: BaseModel, prompt: torch.nn.Module, optimizer, batch, cfg: Train
     loss_sum = torch.zeros((), device=base.device)
     tokens = 0
     for piece in pieces:
-        tensors = collate(piece or batch[:1], pad_id)
-        prompted = base.prepend_prompts(tensors["input_ids"], tensors["attention_mask"], prompt(), tensors["labels"])
-        nll, _ = base.sequence_nll(prompted)
-        loss = nll.sum() / label_tokens * (1.0 if piece else 0.0)
+        loss = piece_loss(base, prompt(), piece or batch[:1], batch, pad_id) * (1.0 if piece else 0.0)
         loss.backward()
         loss_sum += loss.detach()
-        tokens += int(tensors["attention_mask"].sum()) if piece else 0
+        tokens += sum(len(e.input_ids) for e in piece)
     if world.active:
         for p in prompt.parameters():
             if p.grad is None:
@@ -309,6 +333,36 @@ def _step(base: BaseModel, prompt: torch.nn.Module, optimizer, batch, cfg: Train
         torch.nn.utils.clip_grad_norm_(list(prompt.parameters()), cfg.max_grad_norm)
     optimizer.step()
     return total_loss, tokens
+
+
+def check_numbers(cfg: TrainConfig) -> None:
+    """Numbers that would crash later (--save-every 0) or train nothing (--steps -3, --lr nan): refuse up front."""
+    if cfg.steps is not None and cfg.steps < 1:
+        raise SoftPromptError(f"steps must be >= 1, got {cfg.steps}")
+    if cfg.epochs is not None and not (math.isfinite(cfg.epochs) and cfg.epochs > 0):
+        raise SoftPromptError(f"epochs must be a positive number, got {cfg.epochs}")
+    if cfg.lr is not None and not (math.isfinite(cfg.lr) and cfg.lr > 0):
+        raise SoftPromptError(f"lr must be a positive finite number, got {cfg.lr}")
+    if cfg.save_every < 1:
+        raise SoftPromptError(f"save_every must be >= 1, got {cfg.save_every}")
+    if cfg.eval_every < 0:
+        raise SoftPromptError(f"eval_every must be >= 0 (0: ten times per run), got {cfg.eval_every}")
+    for name in ("warmup", "weight_decay", "max_grad_norm"):
+        value = getattr(cfg, name)
+        if not (math.isfinite(value) and value >= 0):
+            raise SoftPromptError(f"{name} must be a finite number >= 0, got {value}")
+
+
+def _check_finite(loss: float, prompt: torch.nn.Module, step: int, ckpt_path: Path) -> None:
+    """Stop a diverged run before it logs or saves anything non-finite: the last checkpoint stays the last good one."""
+    last = f"the last good checkpoint is {ckpt_path}" if ckpt_path.exists() else "no checkpoint was written yet"
+    if not math.isfinite(loss):
+        raise SoftPromptError(f"step {step}: the loss is {loss} (training diverged; lower --lr); stopped, {last}")
+    params = [p.detach() for p in prompt.parameters()]
+    flags = torch.stack([torch.stack([p.isfinite().all(), p.abs().max() <= MAX_PROMPT_ABS]) for p in params])
+    if not bool(flags.all()):
+        raise SoftPromptError(f"step {step}: the prompt holds non-finite or huge values (over {MAX_PROMPT_ABS:g}) "
+                              f"after the update (training diverged; lower --lr); stopped, {last}")
 
 
 def _save_checkpoint(path: Path, cfg: TrainConfig, prompt, optimizer, state: dict, best: torch.Tensor):
@@ -344,6 +398,14 @@ def _load_checkpoint(path: Path, cfg: TrainConfig, prompt, optimizer, state: dic
     for name, p in prompt.named_parameters():
         if f"param/{name}" not in tensors:
             raise SoftPromptError(f"{path} has no tensor for {name!r}: it was written by another kind of run")
+        wanted = {f"param/{name}": p.shape}
+        if adam_step is not None:
+            wanted.update({f"exp_avg/{name}": p.shape, f"exp_avg_sq/{name}": p.shape})
+        for key, shape in wanted.items():
+            if key not in tensors or tensors[key].shape != shape:
+                got = tuple(tensors[key].shape) if key in tensors else "missing"
+                raise SoftPromptError(f"{path}: tensor {key!r} is {got}, this run needs {tuple(shape)} "
+                                      "(a checkpoint of another model or run)")
         with torch.no_grad():
             p.copy_(tensors[f"param/{name}"])
         if adam_step is not None:
@@ -351,20 +413,46 @@ def _load_checkpoint(path: Path, cfg: TrainConfig, prompt, optimizer, state: dic
                                   "exp_avg": tensors[f"exp_avg/{name}"].to(p.device),
                                   "exp_avg_sq": tensors[f"exp_avg_sq/{name}"].to(p.device)}
     state.update(saved_state)
+    if "best" not in tensors or tensors["best"].shape != prompt().shape:
+        raise SoftPromptError(f"{path}: tensor 'best' does not match this run's prompt {tuple(prompt().shape)}")
     return tensors["best"].to(next(prompt.parameters()).device)
 
 
 def _append_log(path: Path, record: dict) -> None:
-    with path.open("a") as f:
-        f.write(json.dumps(record) + "\n")
+    # Non-finite numbers would make the line non-JSON (NaN): write null instead.
+    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+    line = (json.dumps(clean, allow_nan=False) + "\n").encode()
+    try:
+        with path.open("ab") as f:
+            f.write(line)  # one write: a crash or a full disk leaves at most a torn last line, dropped on resume
+    except OSError as e:
+        raise SoftPromptError(f"cannot write {path}: {e.strerror or e} (checkpoints written so far are intact: "
+                              "free space, then continue with --resume)") from None
+
+
+def read_log(path: Path) -> list[dict]:
+    """The JSONL log's records, skipping lines that do not parse (a torn last line from a crash or a full disk)."""
+    records = []
+    try:
+        text = path.read_bytes().decode("utf-8", errors="replace")
+    except OSError as e:
+        raise SoftPromptError(f"cannot read {path}: {e.strerror or e}") from None
+    for line in text.splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            records.append(record)
+    return records
 
 
 def _trim_log(path: Path, step: int) -> None:
-    """On resume, drop log lines past the checkpoint (steps the interrupted run did after saving)."""
+    """On resume, drop log lines past the checkpoint (steps the interrupted run did after saving) and torn ones."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    atomic_write(path, lambda tmp: tmp.write_text("".join(line + "\n" for line in keep)))
+    keep = [r for r in read_log(path) if r["step"] <= step]
+    atomic_write(path, lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in keep)))
 
 
 def _plot(log: Path, png: Path) -> None:
@@ -375,7 +463,7 @@ def _plot(log: Path, png: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:  # plotting is a nicety; the JSONL log has the numbers
         return
-    records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    records = read_log(log) if log.exists() else []
     if not records:
         return
     fig, ax = plt.subplots(figsize=(7, 4))
