@@ -158,16 +158,16 @@ def test_time_budget_run_plans_its_steps_and_decays_to_zero(tiny_model_dir, tmp_
     monkeypatch.setattr(train_module, "time", type("FakeTime", (), {"perf_counter": staticmethod(perf_counter)}))
     base = load_model(str(tiny_model_dir), dtype="float32")
     data = write_jsonl(tmp_path / "train.jsonl", sentiment_rows(400, 1))
-    result = train(base=base, data=str(data), output=str(tmp_path / "run"), time_budget="4s", batch_size=8,
+    result = train(base=base, data=str(data), output=str(tmp_path / "run"), time_budget="20s", batch_size=8,
                    virtual_tokens=3, progress=False, save_every=1000)
     log = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     planned = [r["planned_steps"] for r in log if "planned_steps" in r]
     assert planned[0] == 1000 and len(planned) >= 3  # a provisional total, then the plan and its corrections
     assert planned[-1] == result.metrics["steps"] == len(log)
-    assert 40 < len(log) < 80 and log[-1]["elapsed_s"] < 4.0
+    assert 250 < len(log) < 500 and log[-1]["elapsed_s"] < 20.0
     assert log[-1]["lr"] < 0.05 * max(r["lr"] for r in log)  # the schedule still ends near zero
     assert max(r["lr"] for r in log) > 0.9 * result.prompt.meta["training"]["lr"]  # ... after reaching its peak
-    assert result.metrics["run_length"] == "time budget 4s"
+    assert result.metrics["run_length"] == "time budget 20s"
 
 
 def test_lr_schedule_warms_up_and_decays(tiny_model_dir):

@@ -8,7 +8,7 @@ from softprompt import load_model
 from softprompt.cli import main
 from softprompt.progress import LOAD_LOG, quiet_gguf_bar
 
-LINE = re.compile(r"^softprompt: loading model (.+) \.\.\. done in \d+s$")
+LINE = re.compile(r"^softprompt: loading model (.+) \.\.\. done in \d+s(; dtype auto: .+)?$")
 
 
 @pytest.fixture(autouse=True)

@@ -341,8 +341,8 @@ def check_numbers(cfg: TrainConfig) -> None:
         raise SoftPromptError(f"steps must be >= 1, got {cfg.steps}")
     if cfg.epochs is not None and not (math.isfinite(cfg.epochs) and cfg.epochs > 0):
         raise SoftPromptError(f"epochs must be a positive number, got {cfg.epochs}")
-    if cfg.lr is not None and not (math.isfinite(cfg.lr) and cfg.lr > 0):
-        raise SoftPromptError(f"lr must be a positive finite number, got {cfg.lr}")
+    if cfg.lr is not None and not (math.isfinite(cfg.lr) and cfg.lr >= 0):  # 0: a run that only scores its init
+        raise SoftPromptError(f"lr must be a finite number >= 0, got {cfg.lr}")
     if cfg.save_every < 1:
         raise SoftPromptError(f"save_every must be >= 1, got {cfg.save_every}")
     if cfg.eval_every < 0:
