@@ -310,6 +310,7 @@ def softprompt_stepper(name: str, base, work: Workload, args, out: Path, shared_
         train(data=str(work.data_file), output=str(out / f"{name}-{work.name}"), base=base, overwrite=True,
               steps=args.warmup + args.steps + args.memory_steps + 5, batch_size=args.batch_size, virtual_tokens=args.virtual_tokens,
               max_length=args.max_length, lr=0.03, save_every=10**9, progress=False, seed=0,
+              chat=False, deep=False,  # the rows PEFT trains on (plain template, input embeddings)
               on_step=lambda step, record: gate(), **work.template)
 
     stepper = Stepper(name, run, base.device, weights_bytes(base.model))

@@ -208,6 +208,12 @@ class BaseModel:
     dtype_choice: DtypeChoice | None = None  # how the base's dtype was picked (load_model), for the record
     _cache: dict = field(default_factory=dict, repr=False)
 
+    def __post_init__(self):
+        head = self.model.get_output_embeddings()
+        if head is not None and not getattr(head, "_softprompt_contiguous", False):
+            head.register_forward_pre_hook(_contiguous_input)
+            head._softprompt_contiguous = True
+
     @property
     def config(self):
         return self.model.config
@@ -676,6 +682,13 @@ def _PrefixLayer(keys: torch.Tensor, values: torch.Tensor, batch: int):
 
 
 _PREFIX_LAYER = None
+
+
+def _contiguous_input(module, args):
+    """The LM head's input made contiguous. HF's `logits_to_keep=1` hands it a strided slice [B, 1, d] of the
+    hidden states, and torch's CPU bf16 linear on a strided 3-D input took 1.4 s where the contiguous copy takes
+    6 ms (SmolLM2's 49k x 576 head, batch 16): 70 % of a bf16 scoring pass, and every prefill of generate/serve."""
+    return (args[0].contiguous(), *args[1:])
 
 
 def repeat_cache(cache, times: int):
