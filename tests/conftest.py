@@ -101,6 +101,35 @@ def smol_base():
     return load_model(None, dtype="float32", device="cpu")
 
 
+# Chat templates for the tiny tokenizer (it ships none): one for chat-format training, one for the server's turns.
+CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
+                 "{% if add_generation_prompt %}<s>assistant:{% endif %}")
+SERVE_CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} .\n{% endfor %}"
+                       "{% if add_generation_prompt %}assistant :{% endif %}")
+
+
+def chat_model_copy(model_dir: Path, out: Path) -> Path:
+    """A copy of the tiny model folder whose tokenizer has a chat template, like an instruct model's."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    shutil.copytree(model_dir, out)
+    tok = AutoTokenizer.from_pretrained(out)
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(out)
+    return out
+
+
+def load_with_serve_chat_template(model_dir: Path):
+    """Our own load (not the shared tiny_base): serving tests give its tokenizer a chat template."""
+    from softprompt import load_model
+
+    b = load_model(str(model_dir), dtype="float32", device="cpu")
+    b.tokenizer.chat_template = SERVE_CHAT_TEMPLATE
+    return b
+
+
 def cli_error(capsys, argv) -> str:
     """Run the CLI, expect failure, and return its one-line error (no traceback)."""
     from softprompt.cli import main

@@ -125,16 +125,9 @@ def test_quality_benchmark_method_rows_smoke(quality, tiny_model_dir, tmp_path):
 
 def test_quality_benchmark_chat_recipe_smoke(quality, tiny_model_dir, tmp_path):
     """`--tasks sst2-chat` (the 90 % recipe): chat template + system message for every system, deep prompt."""
-    import shutil
+    from conftest import chat_model_copy
 
-    from transformers import AutoTokenizer
-
-    model = tmp_path / "tiny-chat"
-    shutil.copytree(tiny_model_dir, model)
-    tok = AutoTokenizer.from_pretrained(model)
-    tok.chat_template = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
-                         "{% if add_generation_prompt %}<s>assistant:{% endif %}")
-    tok.save_pretrained(model)
+    model = chat_model_copy(tiny_model_dir, tmp_path / "tiny-chat")
     data, out = make_data(tmp_path / "data"), tmp_path / "bench"
     argv = ["--smoke", "--tasks", "sst2-chat", "--model", str(model), "--data-dir", str(data), "--output", str(out)]
     assert quality.main(argv) == 0

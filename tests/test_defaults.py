@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
 
-from conftest import write_jsonl, sentiment_rows
+from conftest import chat_model_copy, sentiment_rows, write_jsonl
 from softprompt import SoftPromptError, load_model, train
 from softprompt import precision
 from softprompt.budget import END_RESERVE_S, SAFETY, BudgetPlanner, RunLength, parse_duration
@@ -183,15 +182,7 @@ def test_lr_schedule_warms_up_and_decays(tiny_model_dir):
 
 @pytest.fixture
 def chat_model_dir(tiny_model_dir, tmp_path):
-    from transformers import AutoTokenizer
-
-    model = tmp_path / "tiny-chat"
-    shutil.copytree(tiny_model_dir, model)
-    tok = AutoTokenizer.from_pretrained(model)
-    tok.chat_template = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
-                         "{% if add_generation_prompt %}<s>assistant:{% endif %}")
-    tok.save_pretrained(model)
-    return model
+    return chat_model_copy(tiny_model_dir, tmp_path / "tiny-chat")
 
 
 def test_chat_is_on_by_default_for_a_model_with_a_chat_template(chat_model_dir, sentiment_files, tmp_path):

@@ -24,8 +24,7 @@ from softprompt.generate import generate_ids  # noqa: E402
 from softprompt.scheduler import PromptEntry, SamplingParams, Scheduler, Sequence  # noqa: E402
 from softprompt.serve import PromptRegistry, ServeConfig, create_app  # noqa: E402
 
-CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} .\n{% endfor %}"
-                 "{% if add_generation_prompt %}assistant :{% endif %}")
+from conftest import load_with_serve_chat_template  # noqa: E402
 TEXTS = ["the film was great", "Review : the plot was awful . Sentiment", "the meal",
          "this phone was superb and the hotel was poor . positive negative"]
 PROMPTS = {"short": 2, "mid": 5, "long": 9}
@@ -33,10 +32,7 @@ PROMPTS = {"short": 2, "mid": 5, "long": 9}
 
 @pytest.fixture(scope="module")
 def base(tiny_model_dir):
-    """Our own load (not the shared tiny_base): the tests give its tokenizer a chat template."""
-    b = load_model(str(tiny_model_dir), dtype="float32", device="cpu")
-    b.tokenizer.chat_template = CHAT_TEMPLATE
-    return b
+    return load_with_serve_chat_template(tiny_model_dir)
 
 
 @pytest.fixture(scope="module")

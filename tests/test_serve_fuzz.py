@@ -18,7 +18,7 @@ httpx = pytest.importorskip("httpx")
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
 
-from softprompt import SoftPrompt, load_model  # noqa: E402
+from softprompt import SoftPrompt  # noqa: E402
 from softprompt.data import Encoder, Template  # noqa: E402
 from softprompt.errors import SoftPromptError  # noqa: E402
 from softprompt.generate import generate_ids  # noqa: E402
@@ -27,16 +27,13 @@ from softprompt.serve import PromptRegistry, ServeConfig, check_exposure, create
 
 from conftest import cli_error  # noqa: E402
 
-CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} .\n{% endfor %}"
-                 "{% if add_generation_prompt %}assistant :{% endif %}")
+from conftest import load_with_serve_chat_template  # noqa: E402
 GOOD_TEXT = "the film was great"
 
 
 @pytest.fixture(scope="module")
 def base(tiny_model_dir):
-    b = load_model(str(tiny_model_dir), dtype="float32", device="cpu")
-    b.tokenizer.chat_template = CHAT_TEMPLATE
-    return b
+    return load_with_serve_chat_template(tiny_model_dir)
 
 
 @pytest.fixture(scope="module")
