@@ -89,13 +89,12 @@ def _cmd_eval(args) -> int:
 def _cmd_generate(args) -> int:
     from .generate import generate
     from .model import load_model
-    from .evaluate import _prompt_model
-    from .prompt import SoftPrompt
+    from .prompt import SoftPrompt, prompt_base_source
 
     texts = args.text or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     if not texts:
         raise SoftPromptError("no input text: pass it as an argument or on standard input")
-    base = load_model(args.model if args.model else _prompt_model(args.prompt), dtype=args.dtype, device=args.device)
+    base = load_model(args.model if args.model else prompt_base_source(args.prompt), dtype=args.dtype, device=args.device)
     prompt = SoftPrompt.load(args.prompt, base) if args.prompt else None
     kw = dict(base=base, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
               seed=args.seed, stop=args.stop or (), raw=args.raw)

@@ -28,7 +28,7 @@ from .errors import SoftPromptError
 from .hf_data import is_local_dataset
 from .metrics import accuracy, generation_metrics, macro_f1
 from .model import BaseModel, load_model
-from .prompt import SoftPrompt
+from .prompt import SoftPrompt, as_prompt, prompt_base_source
 from .scoring import label_log_likelihoods
 
 TASKS = ("auto", "classification", "generation", "lm")
@@ -419,8 +419,8 @@ def evaluate(
     prompts = [] if prompt is None else list(prompt) if isinstance(prompt, (list, tuple)) else [prompt]
     if base is None:
         first = prompts[0] if prompts else None
-        base = load_model(model if model is not None else _prompt_model(first), dtype=dtype, device=device)
-    loaded = [SoftPrompt.load(p, base) if isinstance(p, (str, os.PathLike)) else p for p in prompts]
+        base = load_model(model if model is not None else prompt_base_source(first), dtype=dtype, device=device)
+    loaded = [as_prompt(p, base) for p in prompts]
     saved = dict(loaded[0].template) if loaded else {}
     overrides = {"input": input_template, "output": output_template, "label_map": label_map, "chat": chat}
     template = Template.from_dict({**saved, **{k: v for k, v in overrides.items() if v is not None}})
@@ -486,12 +486,3 @@ def _parse_baselines(baselines: Sequence[str] | str | None) -> set[str]:
         raise SoftPromptError(f"unknown baseline(s) {', '.join(sorted(unknown))}; choose from "
                               f"{', '.join(BASELINES)}, all, auto or none")
     return names - {"none"}
-
-
-def _prompt_model(prompt) -> str | None:
-    """The base model a prompt artifact names, so `eval --prompt X` needs no --model."""
-    if prompt is None:
-        return None
-    if isinstance(prompt, SoftPrompt):
-        return (prompt.meta.get("base") or {}).get("source")
-    return (SoftPrompt.load(prompt).meta.get("base") or {}).get("source")

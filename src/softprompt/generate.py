@@ -16,7 +16,7 @@ import torch
 from .data import Encoder, Template
 from .errors import SoftPromptError
 from .model import BaseModel, cache_of, load_model, split_prompts
-from .prompt import SoftPrompt
+from .prompt import SoftPrompt, prompt_base_source
 
 PromptLike = SoftPrompt | torch.Tensor | None
 # Below this a temperature is greedy: sampling tends to argmax as T -> 0, and logits / 1e-300 overflow float32 to
@@ -189,10 +189,8 @@ def generate(
     if per_row and len(prompt_list) != len(texts):
         raise SoftPromptError(f"{len(prompt_list)} prompts for {len(texts)} texts")
     if base is None:
-        from .evaluate import _prompt_model
-
         first = next((p for p in prompt_list if p is not None), None)
-        base = load_model(model if model is not None else _prompt_model(first), dtype=dtype, device=device)
+        base = load_model(model if model is not None else prompt_base_source(first), dtype=dtype, device=device)
     cache: dict[Any, SoftPrompt | None] = {}
     loaded = []
     for p in prompt_list:

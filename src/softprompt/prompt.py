@@ -191,6 +191,22 @@ class SoftPrompt(nn.Module):
         return self.meta.get("template") or {}
 
 
+def as_prompt(prompt: SoftPrompt | str | os.PathLike | None, base: BaseModel | None = None) -> SoftPrompt | None:
+    """A prompt given as an artifact path, a loaded SoftPrompt or None -> a SoftPrompt (checked against `base` when
+    loaded here) or None: the one "load it if it is a path" rule of every command."""
+    if prompt is None or isinstance(prompt, SoftPrompt):
+        return prompt
+    if isinstance(prompt, (str, os.PathLike)):
+        return SoftPrompt.load(prompt, base)
+    raise SoftPromptError(f"a prompt is a path or a SoftPrompt, not {type(prompt).__name__}")
+
+
+def prompt_base_source(prompt: SoftPrompt | str | os.PathLike | None) -> str | None:
+    """The base model a prompt artifact was trained on (what `--model` defaults to for eval, generate and inspect)."""
+    prompt = as_prompt(prompt)
+    return None if prompt is None else (prompt.meta.get("base") or {}).get("source")
+
+
 def read_tensor(path: Path, key: str) -> torch.Tensor:
     """Read one tensor from a safetensors file; a corrupt or truncated file is a clear error, never pickle."""
     try:
