@@ -155,10 +155,10 @@ def test_deep_prompt_errors(tiny_base, tmp_path):
     wrong = SoftPrompt(deep.embeddings[:, :2], deep.meta)  # as if from a model with one layer
     with pytest.raises(SoftPromptError, match="does not fit model"):
         tiny_base.check_compatible(wrong)
-    from softprompt.probe import inspect
+    from softprompt.probe import inspect_prompt
 
     with pytest.raises(SoftPromptError, match="deep prompt"):
-        inspect(deep, base=tiny_base)
+        inspect_prompt(deep, base=tiny_base)
     with pytest.raises(SoftPromptError, match="only start another deep prompt"):
         SoftPrompt.initialise(tiny_base, 2, "prompt", init_prompt=deep)
 

@@ -11,7 +11,7 @@ import torch
 from softprompt import SoftPrompt, SoftPromptError, export_peft
 from softprompt.cli import main
 from softprompt.prompt import INIT_STRATEGIES
-from softprompt.probe import (REPORT_KEYS, _max_matching, compare, drift_from_init, format_report, inspect,
+from softprompt.probe import (REPORT_KEYS, _max_matching, compare, drift_from_init, format_report, inspect_prompt,
                               nearest_tokens, norm_report, show_token, write_png)
 
 TEXT = "Review: the film was great"
@@ -69,7 +69,7 @@ def test_fresh_prompt_has_zero_drift_and_moved_prompt_does_not(tiny_base):
 def test_unreproducible_init_says_why(tiny_base, tmp_path):
     fresh = SoftPrompt.initialise(tiny_base, 3, "vocab")
     export_peft(fresh, tmp_path / "peft")
-    report = inspect(tmp_path / "peft", base=tiny_base, k=2)
+    report = inspect_prompt(tmp_path / "peft", base=tiny_base, k=2)
     assert report["drift"]["reproducible"] is False and "PEFT" in report["drift"]["reason"]
     assert "cannot be reproduced" in format_report(report)
     bare = SoftPrompt(fresh.embeddings, {})
@@ -133,7 +133,7 @@ def test_matching_is_optimal():
 
 def test_inspect_report_and_png(tiny_base, text_prompt, tmp_path):
     other = SoftPrompt.initialise(tiny_base, 5, "vocab", seed=2)
-    report = inspect(text_prompt, base=tiny_base, k=3, compare=other)
+    report = inspect_prompt(text_prompt, base=tiny_base, k=3, compare=other)
     assert tuple(report) == REPORT_KEYS
     assert report["n_virtual_tokens"] == 5 and report["k"] == 3 and report["compare"]["n_b"] == 5
     json.dumps(report)  # JSON-able

@@ -151,9 +151,9 @@ def _cmd_import(args) -> int:
 
 
 def _cmd_inspect(args) -> int:
-    from .probe import format_report, inspect, write_png
+    from .probe import format_report, inspect_prompt, write_png
 
-    report = inspect(args.prompt, model=args.model, k=args.top_k, compare=args.compare, dtype=args.dtype,
+    report = inspect_prompt(args.prompt, model=args.model, k=args.top_k, compare=args.compare, dtype=args.dtype,
                      device=args.device)
     if args.png:
         write_png(report, args.png)

@@ -366,7 +366,7 @@ class BaseModel:
         """Plain HF forward on injected inputs (full logits); used by generation and parity tests. With
         `use_cache=True` the returned cache holds the deep prefix (if any) and the row, ready to decode."""
         if batch.prefix is not None:
-            kwargs[self._cache_kw(self.model)] = self.prefix_cache(batch.prefix, storing=bool(kwargs.get("use_cache")))
+            kwargs[self.cache_kw] = self.prefix_cache(batch.prefix, storing=bool(kwargs.get("use_cache")))
         if self.is_encoder_decoder:  # relative position bias: no position ids; labels drive the decoder
             return self.model(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
                               labels=batch.labels, **kwargs)
@@ -392,7 +392,7 @@ class BaseModel:
         position_ids [B, W]. The HF output; its cache now holds the W new positions too."""
         return self.model(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
                           position_ids=position_ids.to(self.device), use_cache=True,
-                          **{self._cache_kw(self.model): cache}, **kwargs)
+                          **{self.cache_kw: cache}, **kwargs)
 
     @property
     def has_plain_kv_cache(self) -> bool:
@@ -451,7 +451,7 @@ class BaseModel:
             # The last position predicts nothing (its target would lie past the row) and, the attention being
             # causal, no other position depends on it: the backbone runs on the first L-1 only.
             width = max(batch.inputs_embeds.shape[1] - 1, 1)
-            extra = {} if batch.prefix is None else {self._cache_kw(backbone): self.prefix_cache(batch.prefix)}
+            extra = {} if batch.prefix is None else {self.cache_kw: self.prefix_cache(batch.prefix)}
             hidden_or_logits = backbone(
                 inputs_embeds=batch.inputs_embeds[:, :width],
                 attention_mask=batch.attention_mask[:, :batch.attention_mask.shape[1] - batch.inputs_embeds.shape[1] + width],
@@ -568,7 +568,7 @@ class BaseModel:
         if n_pre == 0:
             return None
         n_deep = 0 if shared.deep is None else shared.deep.shape[0]
-        cache_kw = self._cache_kw(backbone)
+        cache_kw = self.cache_kw
         extra = {} if shared.deep is None else {
             cache_kw: self.prefix_cache(shared.deep.to(prompt.dtype)[None], storing=True)}  # deep prefix at batch 1
         pre = backbone(inputs_embeds=torch.cat([prompt, embeds[0, :common]])[None], use_cache=True,
@@ -608,11 +608,15 @@ class BaseModel:
                 return False
         return True
 
-    @staticmethod
-    def _cache_kw(backbone) -> str:
-        import inspect
+    @property
+    def cache_kw(self) -> str:
+        """The forward's keyword for a KV cache: `cache` since transformers 5.2x, `past_key_values` before."""
+        if "cache_kw" not in self._cache:
+            import inspect
 
-        return "cache" if "cache" in inspect.signature(backbone.forward).parameters else "past_key_values"
+            params = inspect.signature(self.model.forward).parameters
+            self._cache["cache_kw"] = "cache" if "cache" in params else "past_key_values"
+        return self._cache["cache_kw"]
 
 
 class _HeadNLL(torch.autograd.Function):

@@ -294,7 +294,7 @@ def drift_from_init(base: BaseModel, prompt: SoftPrompt) -> dict[str, Any]:
 
 # ---- everything at once -----------------------------------------------------------------------------
 
-def inspect(
+def inspect_prompt(
     prompt_path: str | os.PathLike | SoftPrompt,
     model: str | os.PathLike | None = None,
     k: int = 5,
