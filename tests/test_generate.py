@@ -61,16 +61,15 @@ def test_generate_applies_the_prompts_template_and_stop(tiny_base, tmp_path):
 
 
 def test_a_stop_string_ends_an_answer_only_once_it_has_begun(tiny_base):
-    from softprompt.generate import _hits_stop, cut_at_stop
+    from softprompt.sampling import cut_at_stop, find_stop
 
     assert cut_at_stop("\nThe answer.\nMore", ["\n"]) == "\nThe answer."
     assert cut_at_stop("answer\n\nmore", ["\n\n", "\n"]) == "answer"
     assert cut_at_stop(" \n ", ["\n"]) == " \n "  # only whitespace so far: nothing to cut yet
     assert cut_at_stop("no stop here", ["\n"]) == "no stop here"
-    tok = tiny_base.tokenizer
-    ids = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
-    assert not _hits_stop(tok, ids("\n"), ["\n"])  # generation goes on past a leading newline ...
-    assert _hits_stop(tok, ids("\nthe film\n"), ["\n"])  # ... and stops at the one after the answer
+    assert find_stop("\n", ["\n"], "answer") is None  # generation goes on past a leading newline ...
+    assert find_stop("\nthe film\n", ["\n"], "answer") == 9  # ... and stops at the one after the answer
+    assert find_stop("\nthe film\n", ["\n"], "literal") == 0  # the server's (OpenAI's) rule: wherever it is
 
 
 def test_an_empty_input_continues_from_an_input_prompt_and_is_a_clear_error_otherwise(tiny_base):

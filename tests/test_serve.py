@@ -168,29 +168,29 @@ def test_a_failing_step_fails_only_its_sequences(base, prompt_objs, monkeypatch)
     ok = Sequence(ids_of(base, TEXTS[0]), greedy(8), e, ok_events.append)
     sched.submit(ok)
     sched.step()
-    real = sched._forward
+    real = sched.engine.forward
 
     def broken(ids, mask, pos, cache):
         if ids.shape[1] > 1:  # prefills only
             raise RuntimeError("boom")
         return real(ids, mask, pos, cache)
 
-    monkeypatch.setattr(sched, "_forward", broken)
+    monkeypatch.setattr(sched.engine, "forward", broken)
     bad = Sequence(ids_of(base, TEXTS[1]), greedy(8), None, bad_events.append)
     sched.submit(bad)
     sched.step()
     assert bad_events[-1].kind == "error" and bad_events[-1].status == 500 and "boom" in bad_events[-1].text
-    monkeypatch.setattr(sched, "_forward", real)
+    monkeypatch.setattr(sched.engine, "forward", real)
     sched.run_until_idle()
     assert ok.generated == reference(base, TEXTS[0], prompt_objs["mid"], 8) and ok_events[-1].kind == "finish"
     # a failing decode step fails the running batch, and the scheduler serves the next request normally
-    monkeypatch.setattr(sched, "_forward", lambda *a: (_ for _ in ()).throw(RuntimeError("decode boom"))
+    monkeypatch.setattr(sched.engine, "forward", lambda *a: (_ for _ in ()).throw(RuntimeError("decode boom"))
                         if a[0].shape[1] == 1 else real(*a))
     events = []
     sched.submit(Sequence(ids_of(base, TEXTS[2]), greedy(4), e, events.append))
     sched.step()
     assert events[-1].kind == "error" and sched.n_running == 0
-    monkeypatch.setattr(sched, "_forward", real)
+    monkeypatch.setattr(sched.engine, "forward", real)
     again = Sequence(ids_of(base, TEXTS[2]), greedy(4), e, lambda ev: None)
     sched.submit(again)
     sched.run_until_idle()

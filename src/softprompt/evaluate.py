@@ -29,6 +29,7 @@ from .hf_data import is_local_dataset
 from .metrics import accuracy, generation_metrics, macro_f1
 from .model import BaseModel, load_model
 from .prompt import SoftPrompt, as_prompt, prompt_base_source
+from .sampling import cut_at_stop
 from .scoring import label_log_likelihoods
 
 TASKS = ("auto", "classification", "generation", "lm")
@@ -257,18 +258,12 @@ def _one_pass(base: BaseModel, tensor, evalset: EvalSet, batch_size: int, progre
 def generate_predictions(base: BaseModel, prompt, evalset: EvalSet, batch_size: int = 16,
                          progress: bool = False) -> list[str]:
     """Greedy continuations of each distinct input, cut at EOS and the stop strings."""
-    from .generate import cut_at_stop, generate_ids
+    from .generate import generate_ids
 
-    tensor = _prompt_tensor(prompt)
-    order = sorted(range(len(evalset.gen_inputs)), key=lambda i: len(evalset.gen_inputs[i]))
-    out: list[str] = [""] * len(order)
-    for s in tqdm(range(0, len(order), batch_size), desc="generate", disable=not progress, leave=False):
-        rows = order[s:s + batch_size]
-        new = generate_ids(base, [evalset.gen_inputs[i] for i in rows], tensor, max_new_tokens=evalset.max_new_tokens,
-                           stop=evalset.stop)
-        for i, ids in zip(rows, new):
-            out[i] = cut_at_stop(base.tokenizer.decode(ids, skip_special_tokens=True), evalset.stop).strip()
-    return out
+    rows = evalset.gen_inputs
+    new = generate_ids(base, rows, _prompt_tensor(prompt), max_new_tokens=evalset.max_new_tokens, stop=evalset.stop,
+                       batch_size=batch_size)
+    return [cut_at_stop(base.tokenizer.decode(ids, skip_special_tokens=True), evalset.stop).strip() for ids in new]
 
 
 def score(base: BaseModel, prompt, evalset: EvalSet, batch_size: int = 16, progress: bool = False) -> dict[str, Any]:

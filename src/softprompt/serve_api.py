@@ -13,8 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .generate import GREEDY_BELOW
-from .scheduler import SamplingParams
+from .sampling import GREEDY_BELOW, SamplingParams
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                404: "not_found_error", 405: "invalid_request_error", 408: "timeout", 413: "invalid_request_error",
