@@ -7,7 +7,8 @@ A batch of running sequences, each with its own soft prompt (or none), decoded t
   decode()   ONE forward for every running row, whatever its prompt and length; sample; stop rules;
   retire     drop finished rows from the batch cache.
 
-Batch cache layout, one row per running sequence, left-padded so every row's newest token is the last column:
+Batch cache layout (batch_cache.py), one row per running sequence, left-padded so every row's newest token is
+the last column:
 
     [pad | its prompt's virtual tokens (keys/values from the prefix cache) | pad | input | generated]
 
@@ -27,6 +28,7 @@ from typing import Callable, Iterable
 
 import torch
 
+from .batch_cache import DecodeBatch, cache_layers, left_pad, make_cache
 from .errors import SoftPromptError
 from .model import BaseModel, cache_of
 from .sampling import SamplingParams, eos_ids, find_stop, greedy_and_finite, held_back, pick_token
@@ -98,48 +100,6 @@ class Sequence:
     def n_past(self) -> int:
         """Columns this row needs in the batch cache before decoding: its prompt and its input."""
         return (self.prompt.n_virtual_tokens if self.prompt else 0) + len(self.input_ids)
-
-
-class DecodeBatch:
-    """The running rows and their keys/values: per layer [B, H, W, D], every row right-aligned (newest last)."""
-
-    def __init__(self):
-        self.rows: list[Sequence] = []
-        self.layers: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self.mask: torch.Tensor | None = None  # [B, W] long, 0 over padding
-        self.next_pos: torch.Tensor | None = None  # [B] position of the token fed next
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def merge(self, seqs: list[Sequence], layers, mask: torch.Tensor, next_pos: torch.Tensor) -> None:
-        """Append newly prefilled rows; the narrower side is left-padded to the common width."""
-        if not self.rows:
-            self.rows, self.layers, self.mask, self.next_pos = list(seqs), list(layers), mask, next_pos
-            return
-        width = max(self.mask.shape[1], mask.shape[1])
-        self.layers = [(torch.cat([_left_pad(k0, width), _left_pad(k1, width)]),
-                        torch.cat([_left_pad(v0, width), _left_pad(v1, width)]))
-                       for (k0, v0), (k1, v1) in zip(self.layers, layers)]
-        self.mask = torch.cat([_left_pad_mask(self.mask, width), _left_pad_mask(mask, width)])
-        self.next_pos = torch.cat([self.next_pos, next_pos])
-        self.rows = self.rows + list(seqs)
-
-    def keep(self, indices: list[int]) -> None:
-        """Keep only these rows, and drop leading columns that are padding in all of them."""
-        if not indices:
-            self.__init__()
-            return
-        idx = torch.tensor(indices, device=self.mask.device)
-        mask = self.mask.index_select(0, idx)
-        first = int(mask.any(0).long().argmax())
-        self.mask, self.next_pos = mask[:, first:], self.next_pos.index_select(0, idx)
-        self.rows = [self.rows[i] for i in indices]
-        self.layers = [(k.index_select(0, idx)[:, :, first:], v.index_select(0, idx)[:, :, first:]) for k, v in self.layers]
-
-    def cache(self):
-        """The batch's keys/values as a transformers cache for the next forward."""
-        return make_cache(self.layers)
 
 
 class Engine:
@@ -216,8 +176,8 @@ class Engine:
         if pmax:  # each row's prompt from the prefix cache, left-padded to pmax
             prefixes = [self.prompt_kv(s.prompt) if s.prompt else None for s in seqs]
             ref = next(p for p in prefixes if p is not None)
-            past = make_cache([(torch.cat([_left_pad(p[li][0] if p else rk[:, :, :0], pmax) for p in prefixes]),
-                                torch.cat([_left_pad(p[li][1] if p else rv[:, :, :0], pmax) for p in prefixes]))
+            past = make_cache([(torch.cat([left_pad(p[li][0] if p else rk[:, :, :0], pmax) for p in prefixes]),
+                                torch.cat([left_pad(p[li][1] if p else rv[:, :, :0], pmax) for p in prefixes]))
                                for li, (rk, rv) in enumerate(ref)])
         if tmax:
             logits, cache = self.forward(ids, mask, pos, past)
@@ -253,8 +213,8 @@ class Engine:
             return
         ids = torch.tensor([s.pending for s in b.rows], dtype=torch.long, device=dev)[:, None]  # [B, 1]
         mask = torch.cat([b.mask, torch.ones(len(b.rows), 1, dtype=b.mask.dtype, device=dev)], dim=1)
-        logits, cache = self.forward(ids, mask, b.next_pos[:, None], b.cache())
-        b.layers, b.mask, b.next_pos = cache_layers(cache), mask, b.next_pos + 1
+        logits, _ = self.forward(ids, mask, b.next_pos[:, None], b.cache(1))  # writes column `width` in place
+        b.commit(1, mask)
         self.stats["decode_steps"] += 1
         self.stats["decode_rows"] += len(b.rows)
         for s, t in zip(b.rows, self._sample(b.rows, logits)):
@@ -372,38 +332,3 @@ def send(s: Sequence, event: Event) -> None:
 
 def internal_error(e: Exception) -> str:
     return f"internal error during generation: {type(e).__name__}: {e}"
-
-
-# ---- cache plumbing (transformers 4.56+ / 5.x Cache objects) ------------------------------------------
-
-
-def cache_layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per layer (keys, values), each [B, H, L, D]."""
-    if hasattr(cache, "layers"):
-        return [(layer.keys, layer.values) for layer in cache.layers]
-    if hasattr(cache, "key_cache"):
-        return list(zip(cache.key_cache, cache.value_cache))
-    return [(k, v) for k, v, *_ in cache]  # legacy tuple of tuples
-
-
-def make_cache(layers: list[tuple[torch.Tensor, torch.Tensor]]):
-    from transformers import DynamicCache
-
-    cache = DynamicCache()
-    for i, (k, v) in enumerate(layers):
-        cache.update(k[:, :, :0], v[:, :, :0], i)  # creates the layer; its states are then set, not copied by cat
-        cache.layers[i].keys, cache.layers[i].values = k, v
-    return cache
-
-
-def _left_pad(x: torch.Tensor, width: int) -> torch.Tensor:
-    """[B, H, L, D] -> [B, H, width, D] with zeros in front."""
-    extra = width - x.shape[2]
-    if extra <= 0:
-        return x
-    return torch.cat([x.new_zeros(x.shape[0], x.shape[1], extra, x.shape[3]), x], dim=2)
-
-
-def _left_pad_mask(m: torch.Tensor, width: int) -> torch.Tensor:
-    extra = width - m.shape[1]
-    return m if extra <= 0 else torch.cat([m.new_zeros(m.shape[0], extra), m], dim=1)
