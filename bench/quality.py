@@ -35,7 +35,8 @@ sys.path.insert(0, str(ROOT / "src"))
 
 import softprompt  # noqa: E402
 from softprompt.data import Encoder, Template, read_rows  # noqa: E402
-from softprompt.evaluate import System, _ensemble_rows, compare, kshot_prefix, label_scores, prepare  # noqa: E402
+from softprompt.ensemble import evaluate_ensemble  # noqa: E402
+from softprompt.evaluate import System, compare, kshot_prefix, label_scores, prepare  # noqa: E402
 from softprompt.model import resolve_model  # noqa: E402
 from softprompt.prompt import SoftPrompt  # noqa: E402
 
@@ -332,7 +333,9 @@ def run_task(base, task: Task, data_dir: Path, out: Path, budget: Budget, model_
     report = compare(base, template, eval_rows, systems, task=task.kind, source=task.name)
     if methods and task.kind == "classification":  # the trained prompts together: one mixed batch per step
         ours = [t["prompt"] for name, t in trained.items() if name != "PEFT prompt tuning"]
-        report["systems"] += _ensemble_rows(base, template, eval_rows, ours, task.name, 512, 16, False)
+        evalset = prepare(base, template, eval_rows, source=task.name, max_length=512, task="classification")
+        report["systems"] += evaluate_ensemble(base, ours, [n for n in trained if n != "PEFT prompt tuning"],
+                                               evalset, 32, False)["ensembles"]
     eval_s = time.perf_counter() - t0
     for r in report["systems"]:
         r.pop("predictions", None)

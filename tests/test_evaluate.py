@@ -11,8 +11,8 @@ from conftest import sentiment_rows, shared_prefix, write_jsonl
 from softprompt import SoftPrompt, evaluate
 from softprompt.cli import main
 from softprompt.data import Template
-from softprompt.evaluate import (System, _pair_label_scores, _single_token_label_scores, compare, format_table,
-                                 kshot_prefix, label_scores, prepare, score)
+from softprompt.evaluate import System, compare, format_table, kshot_prefix, label_scores, prepare, score
+from softprompt.scoring import pair_label_scores, single_token_label_scores, single_token_scores_and_loss, token_loss
 from softprompt.metrics import accuracy, generation_metrics, macro_f1, token_f1
 
 SENTIMENT = Template(input="{input}", output=" {output}")
@@ -24,8 +24,8 @@ def test_single_token_fast_path_matches_pair_scoring(tiny_base):
     assert all(len(ids) == 1 for ids in evalset.label_ids), "the tiny tokenizer has one token per label"
     prompt = SoftPrompt.initialise(tiny_base, 3, "random", seed=1).embeddings
     for p in (None, prompt):
-        fast = _single_token_label_scores(tiny_base, p, evalset, 5, False)
-        slow = _pair_label_scores(tiny_base, p, evalset, 7, False)
+        fast = single_token_label_scores(tiny_base, p, evalset, 5, False)
+        slow = pair_label_scores(tiny_base, p, evalset, 7, False)
         torch.testing.assert_close(fast, slow, atol=1e-4, rtol=1e-4)
 
 
@@ -58,12 +58,12 @@ def test_one_input_pass_label_scores_equal_pair_by_pair_scoring(tiny_base):
     deep.embeddings.data += 0.1 * torch.randn_like(deep.embeddings)
     for p in (None, shallow.embeddings, deep.embeddings):
         one_pass = label_scores(tiny_base, p, evalset, batch_size=4)
-        pairs = _pair_label_scores(tiny_base, p, evalset, 5, False)
+        pairs = pair_label_scores(tiny_base, p, evalset, 5, False)
         torch.testing.assert_close(one_pass, pairs, atol=1e-4, rtol=1e-4)
     mixed = [shallow.embeddings if i % 2 else None for i in range(len(rows))]
     per_row = label_log_likelihoods(tiny_base, evalset.inputs, evalset.label_ids, mixed, batch_size=4)
     for i in range(len(rows)):
-        alone = _pair_label_scores(tiny_base, mixed[i], prepare(tiny_base, SENTIMENT, [rows[i]], labels=evalset.labels), 5, False)
+        alone = pair_label_scores(tiny_base, mixed[i], prepare(tiny_base, SENTIMENT, [rows[i]], labels=evalset.labels), 5, False)
         torch.testing.assert_close(per_row[i], alone[0], atol=1e-4, rtol=1e-4)
 
 
@@ -166,32 +166,28 @@ def trained_prompt(tiny_model_dir, tiny_base, sentiment_files, tmp_path):
 
 
 def test_one_pass_loss_and_scores_match_the_general_paths(tiny_base):
-    from softprompt.evaluate import _one_pass, token_loss
-
     rows = sentiment_rows(11, 6)
     evalset = prepare(tiny_base, SENTIMENT, rows)
     prompt = SoftPrompt.initialise(tiny_base, 2, "random", seed=2).embeddings
     for p in (None, prompt):
-        scores, nll, count = _one_pass(tiny_base, p, evalset, 4, False)
+        scores, nll, count = single_token_scores_and_loss(tiny_base, p, evalset, 4, False)
         assert count == sum(t != -100 for e in evalset.examples for t in e.labels)
         assert nll / count == pytest.approx(token_loss(tiny_base, p, evalset.examples), rel=1e-4)
-        torch.testing.assert_close(scores, _pair_label_scores(tiny_base, p, evalset, 6, False), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(scores, pair_label_scores(tiny_base, p, evalset, 6, False), atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("kind", ["none", "input", "deep"])
 def test_one_pass_with_a_common_template_prefix_matches_the_plain_path(tiny_base, kind):
     """Rows that all start with the template's words: the one-pass scores and loss, through the shared-prefix
     path (common leading tokens run once), equal the plain path's pair scores and loss."""
-    from softprompt.evaluate import _one_pass, token_loss
-
     template = Template(input="Review: the film was {input}\nSentiment:", output=" {output}")
     evalset = prepare(tiny_base, template, sentiment_rows(9, 7))
     prompt = {"none": None, "input": SoftPrompt.initialise(tiny_base, 3, "random", seed=3).embeddings,
               "deep": torch.randn(3, *tiny_base.kv_shape) * 0.3}[kind]
     with shared_prefix(tiny_base, True):
-        scores, nll, count = _one_pass(tiny_base, prompt, evalset, 4, False)
+        scores, nll, count = single_token_scores_and_loss(tiny_base, prompt, evalset, 4, False)
     with shared_prefix(tiny_base, False):
-        ref_scores = _pair_label_scores(tiny_base, prompt, evalset, 5, False)
+        ref_scores = pair_label_scores(tiny_base, prompt, evalset, 5, False)
         ref_loss = token_loss(tiny_base, prompt, evalset.examples)
     torch.testing.assert_close(scores, ref_scores, atol=1e-4, rtol=1e-4)
     assert nll / count == pytest.approx(ref_loss, rel=1e-4)

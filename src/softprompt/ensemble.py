@@ -8,9 +8,10 @@ from typing import Any, Sequence
 
 import torch
 
-from .evaluate import EvalSet, _prompt_tensor, label_scores
+from .evalset import EvalSet
+from .metrics import accuracy, macro_f1
 from .model import BaseModel
-from .scoring import label_log_likelihoods
+from .scoring import label_log_likelihoods, label_scores, prompt_tensor
 
 
 @torch.no_grad()
@@ -22,7 +23,7 @@ def ensemble_label_scores(base: BaseModel, prompts: Sequence, evalset: EvalSet, 
     the server uses), every label scored behind the row's cached input: K prompts cost one pass over K x rows.
     """
     assert evalset.label_ids is not None, "ensembles need a classification task (a small label set)"
-    tensors = [_prompt_tensor(p) for p in prompts]
+    tensors = [prompt_tensor(p) for p in prompts]
     if not (all(evalset.inputs) and base.has_plain_kv_cache):  # text-to-text models: prompt by prompt
         return torch.stack([label_scores(base, t, evalset, batch_size, progress) for t in tensors])
     n = len(evalset.inputs)
@@ -49,13 +50,22 @@ def combine(scores: torch.Tensor, how: str = "mean") -> torch.Tensor:
 
 def evaluate_ensemble(base: BaseModel, prompts: Sequence, names: Sequence[str], evalset: EvalSet,
                       batch_size: int = 32, progress: bool = False) -> dict[str, Any]:
-    """Accuracy of each prompt alone and of the mean / vote ensembles, on the same rows."""
+    """Each prompt alone and the mean / vote ensembles, on the same rows, from one mixed-batch scoring pass.
+
+    Returns {'members': a row per prompt, 'ensembles': the rows 'ensemble (mean)' and 'ensemble (vote)',
+    'ensemble_mean', 'ensemble_vote' (their accuracies), 'n', 'labels'}; a row is what `evaluate` reports per
+    system (system, prompt, n, accuracy, macro_f1, labels, predictions).
+    """
     scores = ensemble_label_scores(base, prompts, evalset, batch_size, progress)
-    gold = torch.tensor(evalset.gold)
 
-    def accuracy(pred: torch.Tensor) -> float:
-        return float((pred == gold).float().mean())
+    def row(system: str, predicted: torch.Tensor) -> dict[str, Any]:
+        predictions = predicted.tolist()
+        return {"system": system, "prompt": None, "n": len(evalset.gold),
+                "accuracy": accuracy(predictions, evalset.gold),
+                "macro_f1": macro_f1(predictions, evalset.gold, len(evalset.labels)),
+                "labels": evalset.labels, "predictions": [evalset.labels[p] for p in predictions]}
 
-    members = [{"system": name, "accuracy": accuracy(scores[k].argmax(1))} for k, name in enumerate(names)]
-    return {"members": members, "ensemble_mean": accuracy(combine(scores, "mean")),
-            "ensemble_vote": accuracy(combine(scores, "vote")), "n": len(evalset.gold), "labels": evalset.labels}
+    members = [row(name, scores[k].argmax(1)) for k, name in enumerate(names)]
+    ensembles = [row(f"ensemble ({how})", combine(scores, how)) for how in ("mean", "vote")]
+    return {"members": members, "ensembles": ensembles, "ensemble_mean": ensembles[0]["accuracy"],
+            "ensemble_vote": ensembles[1]["accuracy"], "n": len(evalset.gold), "labels": evalset.labels}

@@ -9,7 +9,9 @@ Task kinds:
 - lm: loss and perplexity of the output text (held-out corpus; with an empty input template).
 
 Systems compared in one table: the untuned model (template only), a hand-written instruction before the
-input, k-shot in-context examples before the input, and any number of soft prompts.
+input, k-shot in-context examples before the input, and any number of soft prompts (and, for several prompts
+on a classification task, their ensembles: ensemble.py). The rows are encoded by evalset.py and scored by
+scoring.py.
 """
 
 from __future__ import annotations
@@ -17,60 +19,24 @@ from __future__ import annotations
 import math
 import os
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
-from .data import Encoded, Encoder, Template, collate, label_set, read_rows
+from .data import Template, label_set, read_rows
+from .ensemble import evaluate_ensemble
 from .errors import SoftPromptError
+from .evalset import EvalSet, prepare, resolve_task
 from .hf_data import is_local_dataset
 from .metrics import accuracy, generation_metrics, macro_f1
 from .model import BaseModel, load_model
 from .prompt import SoftPrompt, as_prompt, prompt_base_source
 from .sampling import cut_at_stop
-from .scoring import label_log_likelihoods
+from .scoring import label_scores, prompt_tensor, single_token_ok, single_token_scores_and_loss, token_loss
 
-TASKS = ("auto", "classification", "generation", "lm")
 BASELINES = ("untuned", "instruction", "kshot")
-
-
-@dataclass
-class EvalSet:
-    """Rows encoded once, reusable for every prompt evaluated on them."""
-
-    examples: list[Encoded]  # input + gold output, for the loss
-    inputs: list[list[int]]  # input ids per row, for label scoring
-    labels: list[str] | None  # candidate label texts (classification) or None
-    label_ids: list[list[int]] | None  # tokenised candidates
-    gold: list[int] | None  # index into labels per row
-    kind: str = "lm"  # classification | generation | lm (loss and perplexity only)
-    gen_inputs: list[list[int]] = field(default_factory=list)  # generation: one per distinct input
-    refs: list[list[str]] = field(default_factory=list)  # generation: the references of each distinct input
-    stop: list[str] = field(default_factory=list)  # generation: stop strings
-    max_new_tokens: int = 64
-
-
-def resolve_task(task: str | None, template: Template, rows: list[dict[str, Any]],
-                 labels: list[str] | None = None) -> str:
-    """'auto' -> lm for an empty input template, classification for a small label set, else generation."""
-    if task not in (None, *TASKS):
-        raise SoftPromptError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
-    if task and task != "auto":
-        return task
-    if not template.input:
-        return "lm"
-    return "classification" if (labels or label_set(template, rows)) else "generation"
-
-
-def with_prefix(template: Template, prefix: str) -> Template:
-    """The same template with fixed text (an instruction, in-context examples) before the input."""
-    if not prefix:
-        return template
-    escaped = prefix.replace("{", "{{").replace("}", "}}")
-    return Template(input=escaped + template.input, output=template.output, label_map=template.label_map,
-                    chat=template.chat, system=template.system)
 
 
 def kshot_prefix(template: Template, rows: list[dict[str, Any]], k: int, seed: int = 0, source: str = "shots") -> str:
@@ -104,165 +70,14 @@ def kshot_prefix(template: Template, rows: list[dict[str, Any]], k: int, seed: i
     return "".join(s.strip("\n") + "\n\n" for s in shots)
 
 
-def prepare(base: BaseModel, template: Template, rows: list[dict[str, Any]], *, source: str = "data",
-            max_length: int = 512, labels: list[str] | None = None, task: str | None = None, prefix: str = "",
-            max_new_tokens: int | None = None, stop: Sequence[str] | None = None) -> EvalSet:
-    """Encode `rows` for evaluation. `task` None keeps the training-time behaviour: classification when the
-    outputs form a small label set, else loss only. `prefix` is text placed before every input (baselines)."""
-    if task is None:
-        kind = "classification" if (labels or label_set(template, rows)) else "lm"
-    else:
-        kind = resolve_task(task, template, rows, labels)
-    unprefixed = template
-    template = with_prefix(template, prefix)
-    encoder = Encoder(base.tokenizer, template, max_length=max_length)
-    examples = encoder.encode_rows(rows, source)
-    if prefix and not unprefixed.input:
-        # Without a prefix the first token of a corpus row is unscored (nothing precedes it); keep the scored
-        # tokens identical across systems so their losses compare.
-        for e in examples:
-            if e.n_input < len(e.labels):
-                e.labels[e.n_input] = -100
-    inputs = [e.input_ids[: e.n_input] for e in examples]
-    if kind == "classification":
-        labels = labels if labels is not None else label_set(unprefixed, rows)
-        if not labels:
-            raise SoftPromptError(f"{source}: classification needs a small label set (a --label-map, or few "
-                                  "distinct outputs), found none")
-        # Rank classification scores the label's own tokens, without EOS: fair to an untuned model, which
-        # has no reason to stop right after the label.
-        label_ids = [Encoder(base.tokenizer, template, append_eos=False).output_ids(text) for text in labels]
-        if any(not ids for ids in label_ids):
-            raise SoftPromptError(f"{source}: a label tokenises to nothing: {labels}")
-        gold = []
-        for i, row in enumerate(rows, 1):
-            answer = template.render_output(row, f"{source}: row {i}")
-            gold.append(labels.index(answer) if answer in labels else -1)
-        return EvalSet(examples, inputs, labels, label_ids, gold, kind="classification")
-    evalset = EvalSet(examples, inputs, None, None, None, kind=kind)
-    if kind == "generation":
-        groups: dict[str, int] = {}
-        for i, row in enumerate(rows):
-            key = template.render_input(row, f"{source}: row {i + 1}")
-            if key not in groups:
-                groups[key] = len(evalset.gen_inputs)
-                evalset.gen_inputs.append(inputs[i])
-                evalset.refs.append([])
-            evalset.refs[groups[key]].append(template.render_output(row).strip())
-        longest = max(len(e.input_ids) - e.n_input for e in examples)
-        evalset.max_new_tokens = max_new_tokens or min(256, int(longest * 1.25) + 8)
-        no_newlines = not any("\n" in r for refs in evalset.refs for r in refs)
-        evalset.stop = list(stop) if stop is not None else (["\n"] if no_newlines else [])
-    return evalset
-
-
-def _prompt_tensor(prompt: SoftPrompt | torch.Tensor | None) -> torch.Tensor | None:
-    return prompt.embeddings if isinstance(prompt, SoftPrompt) else prompt
-
-
-@torch.no_grad()
-def token_loss(base: BaseModel, prompt, examples: list[Encoded], batch_size: int = 16, progress: bool = False) -> float:
-    """Mean NLL per answer token over all examples (token-weighted, as in training)."""
-    tensor, nll, count = _prompt_tensor(prompt), 0.0, 0
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
-    for s in tqdm(range(0, len(order), batch_size), desc="loss", disable=not progress, leave=False):
-        batch = collate([examples[i] for i in order[s:s + batch_size]], base.tokenizer.pad_token_id)
-        prompted = base.prepend_prompts(batch["input_ids"], batch["attention_mask"], tensor, batch["labels"])
-        row_nll, row_count = base.sequence_nll(prompted)
-        nll += row_nll.sum().item()
-        count += row_count.sum().item()
-    return nll / max(count, 1)
-
-
-@torch.no_grad()
-def label_scores(base: BaseModel, prompt, evalset: EvalSet, batch_size: int = 32, progress: bool = False) -> torch.Tensor:
-    """Total log-likelihood of each candidate label after each input: [rows, labels].
-
-    When every label is one token, one forward per row reads all of them from the last position's
-    distribution; labels of several tokens run behind each input's cached keys/values (one input pass, see
-    scoring.py); text-to-text models and caches that cannot be copied score each (row, label) pair by
-    `sequence_nll`.
-    """
-    assert evalset.label_ids is not None
-    tensor = _prompt_tensor(prompt)
-    if _single_token_ok(evalset) and not base.is_encoder_decoder:
-        return _single_token_label_scores(base, tensor, evalset, batch_size, progress)
-    if all(evalset.inputs) and base.has_plain_kv_cache:
-        return label_log_likelihoods(base, evalset.inputs, evalset.label_ids, tensor, batch_size, progress)
-    return _pair_label_scores(base, tensor, evalset, batch_size, progress)
-
-
-def _pair_label_scores(base: BaseModel, tensor, evalset: EvalSet, batch_size: int, progress: bool) -> torch.Tensor:
-    pairs = [(i, j) for i in range(len(evalset.inputs)) for j in range(len(evalset.label_ids))]
-    pairs.sort(key=lambda p: len(evalset.inputs[p[0]]) + len(evalset.label_ids[p[1]]))
-    scores = torch.empty(len(evalset.inputs), len(evalset.label_ids))
-    for s in tqdm(range(0, len(pairs), batch_size), desc="labels", disable=not progress, leave=False):
-        chunk = pairs[s:s + batch_size]
-        examples = [Encoded(evalset.inputs[i] + evalset.label_ids[j],
-                            [-100] * len(evalset.inputs[i]) + evalset.label_ids[j], len(evalset.inputs[i]))
-                    for i, j in chunk]
-        batch = collate(examples, base.tokenizer.pad_token_id)
-        prompted = base.prepend_prompts(batch["input_ids"], batch["attention_mask"], tensor, batch["labels"])
-        row_nll, _ = base.sequence_nll(prompted)
-        for (i, j), v in zip(chunk, row_nll.tolist()):
-            scores[i, j] = -v
-    return scores
-
-
-def _single_token_ok(evalset: EvalSet) -> bool:
-    return bool(evalset.label_ids) and all(len(ids) == 1 for ids in evalset.label_ids) and all(evalset.inputs)
-
-
-@torch.no_grad()
-def _single_token_label_scores(base: BaseModel, tensor, evalset: EvalSet, batch_size: int, progress: bool) -> torch.Tensor:
-    scores, _, _ = _one_pass(base, tensor, evalset, batch_size, progress, with_loss=False)
-    return scores
-
-
-@torch.no_grad()
-def _one_pass(base: BaseModel, tensor, evalset: EvalSet, batch_size: int, progress: bool,
-              with_loss: bool = True) -> tuple[torch.Tensor, float, int]:
-    """Single-token labels: ONE forward per row over input + gold answer gives both every label's score (the
-    distribution after the last input token) and the answer loss (the answer's own positions).
-
-    Returns ([rows, labels] log-likelihoods, summed answer NLL, answer tokens) - the same numbers as
-    `_pair_label_scores` and `token_loss`, at a third (binary labels) of the cost.
-    """
-    candidates = torch.tensor([ids[0] for ids in evalset.label_ids])
-    # Without the loss, a stand-in answer token marks the position whose distribution scores the labels.
-    rows_all = evalset.examples if with_loss else [
-        Encoded(ids + [int(candidates[0])], [-100] * (len(ids) + 1), len(ids)) for ids in evalset.inputs]
-    order = sorted(range(len(rows_all)), key=lambda i: len(rows_all[i].input_ids))
-    scores = torch.empty(len(rows_all), len(candidates))
-    nll, count = 0.0, 0
-    for s in tqdm(range(0, len(order), batch_size), desc="labels+loss" if with_loss else "labels",
-                  disable=not progress, leave=False):
-        rows = order[s:s + batch_size]
-        examples = [rows_all[i] for i in rows]
-        # Every answer token labelled: the logits come back at the last input token and at each answer token.
-        marked = [Encoded(e.input_ids, [-100] * e.n_input + list(e.input_ids[e.n_input:]), e.n_input) for e in examples]
-        batch = collate(marked, base.tokenizer.pad_token_id)
-        prompted = base.prepend_prompts(batch["input_ids"], batch["attention_mask"], tensor, batch["labels"])
-        logits, _ = base.logits_at_labels(prompted)  # [N, V], row by row
-        logp = torch.log_softmax(logits, -1).cpu()
-        for b, (e, answer) in enumerate(zip(examples, logp.split([len(e.input_ids) - e.n_input for e in examples]))):
-            scores[rows[b]] = answer[0, candidates]
-            for k, t in enumerate(range(e.n_input, len(e.input_ids))):
-                if e.labels[t] != -100:  # answer token t, predicted at answer row k
-                    nll -= float(answer[k, e.labels[t]])
-                    count += 1
-    return scores, nll, count
-
-
 @torch.no_grad()
 def generate_predictions(base: BaseModel, prompt, evalset: EvalSet, batch_size: int = 16,
                          progress: bool = False) -> list[str]:
     """Greedy continuations of each distinct input, cut at EOS and the stop strings."""
     from .generate import generate_ids
 
-    rows = evalset.gen_inputs
-    new = generate_ids(base, rows, _prompt_tensor(prompt), max_new_tokens=evalset.max_new_tokens, stop=evalset.stop,
-                       batch_size=batch_size)
+    new = generate_ids(base, evalset.gen_inputs, prompt_tensor(prompt), max_new_tokens=evalset.max_new_tokens,
+                       stop=evalset.stop, batch_size=batch_size)
     return [cut_at_stop(base.tokenizer.decode(ids, skip_special_tokens=True), evalset.stop).strip() for ids in new]
 
 
@@ -270,8 +85,8 @@ def score(base: BaseModel, prompt, evalset: EvalSet, batch_size: int = 16, progr
     """{'loss', 'perplexity', 'n'}; classification adds accuracy, macro_f1, labels, predictions; generation
     adds exact_match, token_f1, rougeL, bleu, predictions (one per distinct input)."""
     scores = None
-    if evalset.labels and _single_token_ok(evalset) and not base.is_encoder_decoder:
-        scores, nll, count = _one_pass(base, _prompt_tensor(prompt), evalset, batch_size, progress)
+    if evalset.labels and single_token_ok(evalset) and not base.is_encoder_decoder:
+        scores, nll, count = single_token_scores_and_loss(base, prompt_tensor(prompt), evalset, batch_size, progress)
         loss = nll / max(count, 1)
     else:
         loss = token_loss(base, prompt, evalset.examples, batch_size, progress)
@@ -329,7 +144,7 @@ def compare(base: BaseModel, template: Template, rows: list[dict[str, Any]], sys
 
 
 def _n_virtual(prompt) -> int:
-    tensor = _prompt_tensor(prompt)
+    tensor = prompt_tensor(prompt)
     return 0 if tensor is None else int(tensor.shape[0])
 
 
@@ -446,26 +261,13 @@ def evaluate(
     report = compare(base, template, rows, systems, task=task, source=str(data), max_length=max_length,
                      batch_size=batch_size, max_new_tokens=max_new_tokens, stop=stop, progress=progress)
     if len(loaded) > 1 and report["task"] == "classification":
-        report["systems"] += _ensemble_rows(base, template, rows, loaded, str(data), max_length, batch_size, progress)
+        # Several prompts for one task: add their mean-log-prob and majority-vote ensembles (Lester et al. 2021).
+        evalset = prepare(base, template, rows, source=str(data), max_length=max_length, task="classification")
+        names = [s.name for s in systems[len(systems) - len(loaded):]]
+        report["systems"] += evaluate_ensemble(base, loaded, names, evalset, batch_size * 2, progress)["ensembles"]
     primary = report["systems"][len(systems) - len(loaded)] if loaded else report["systems"][0]
     return {**{k: v for k, v in primary.items() if k != "system"}, **report,
             "prompt": None if not loaded else primary["prompt"]}
-
-
-def _ensemble_rows(base, template, rows, prompts, source, max_length, batch_size, progress) -> list[dict[str, Any]]:
-    """Several prompts for one task: add their mean-log-prob and majority-vote ensembles (Lester et al. 2021)."""
-    from .ensemble import combine, ensemble_label_scores
-
-    evalset = prepare(base, template, rows, source=source, max_length=max_length, task="classification")
-    scores = ensemble_label_scores(base, prompts, evalset, batch_size * 2, progress)
-    out = []
-    for how in ("mean", "vote"):
-        predictions = combine(scores, how).tolist()
-        out.append({"system": f"ensemble ({how})", "prompt": None, "n": len(rows),
-                    "accuracy": accuracy(predictions, evalset.gold),
-                    "macro_f1": macro_f1(predictions, evalset.gold, len(evalset.labels)),
-                    "labels": evalset.labels, "predictions": [evalset.labels[p] for p in predictions]})
-    return out
 
 
 def _parse_baselines(baselines: Sequence[str] | str | None) -> set[str]:

@@ -13,14 +13,9 @@ import json
 import os
 from pathlib import Path
 
+from .artifact_files import PEFT_CONFIG, PEFT_WEIGHTS, TEMPLATE_FILE, TENSOR_KEY, atomic_write, read_peft_adapter
 from .errors import SoftPromptError
-from .prompt import TENSOR_KEY, SoftPrompt, atomic_write, check_prompt_values, read_json_object, read_tensor
-
-PEFT_CONFIG = "adapter_config.json"
-PEFT_WEIGHTS = "adapter_model.safetensors"
-# PEFT's config has no place for how inputs are formatted (template, chat template, system message), yet the
-# prompt only works with the format it was trained on: it travels beside the adapter and comes back on import.
-TEMPLATE_FILE = "softprompt_template.json"
+from .prompt import SoftPrompt, as_prompt
 
 
 def export_peft(prompt: SoftPrompt | str | os.PathLike, output: str | os.PathLike, *, base_model: str | None = None,
@@ -28,7 +23,7 @@ def export_peft(prompt: SoftPrompt | str | os.PathLike, output: str | os.PathLik
     """Write `prompt` as a PEFT PROMPT_TUNING adapter directory."""
     from safetensors.torch import save_file
 
-    prompt = prompt if isinstance(prompt, SoftPrompt) else SoftPrompt.load(prompt)
+    prompt = as_prompt(prompt)
     base = prompt.meta.get("base") or {}
     init = prompt.meta.get("init") or {}
     out = Path(output)
@@ -94,41 +89,7 @@ def usage_note(template: dict) -> str:
 
 def read_peft_prompt(directory: str | os.PathLike) -> SoftPrompt:
     """Read a PEFT PROMPT_TUNING adapter directory as a SoftPrompt (no model fingerprint: only width is checked)."""
-    directory = Path(directory)
-    config = read_json_object(directory / PEFT_CONFIG)
-    kind = config.get("peft_type")
-    if kind not in ("PROMPT_TUNING", "PREFIX_TUNING"):
-        raise SoftPromptError(f"{directory}: PEFT adapter of type {kind!r}; only PROMPT_TUNING and PREFIX_TUNING "
-                              "adapters are soft prompts")
-    if config.get("num_transformer_submodules", 1) != 1:
-        raise SoftPromptError(f"{directory}: adapters with num_transformer_submodules != 1 are not supported")
-    weights = directory / PEFT_WEIGHTS
-    if not weights.exists():
-        raise SoftPromptError(f"{directory}: no {PEFT_WEIGHTS} (only safetensors adapters are read, never pickle)")
-    emb = read_tensor(weights, TENSOR_KEY)
-    check_prompt_values(emb, weights)
-    n = config.get("num_virtual_tokens")
-    if n is not None and emb.shape[0] != n:
-        raise SoftPromptError(f"{directory}: config says {n} virtual tokens, tensor has {emb.shape[0]}")
-    meta = {"base": {"source": config.get("base_model_name_or_path"), "hidden_size": config.get("token_dim")},
-            "init": {"strategy": "peft-import"}, "imported_from": str(directory)}
-    if kind == "PREFIX_TUNING":  # saved without projection: [n, layers * 2 * token_dim] (PEFT stores the output)
-        layers, width = config.get("num_layers"), config.get("token_dim")
-        if not isinstance(layers, int) or not isinstance(width, int) or not layers or not width or emb.dim() != 2 or emb.shape[1] != 2 * layers * width:
-            raise SoftPromptError(f"{directory}: prefix tensor {tuple(emb.shape)} does not match num_layers {layers} "
-                                  f"x 2 x token_dim {width}")
-        emb = emb.reshape(emb.shape[0], 2 * layers, width)
-        meta["base"] = {"source": config.get("base_model_name_or_path")}
-        meta["kv_layout"] = {"kv_heads": config.get("num_attention_heads")}
-    if (directory / TEMPLATE_FILE).exists():
-        try:
-            template = json.loads((directory / TEMPLATE_FILE).read_text())
-        except (OSError, ValueError) as e:
-            raise SoftPromptError(f"{directory / TEMPLATE_FILE}: cannot read ({e})") from None
-        if not isinstance(template, dict):
-            raise SoftPromptError(f"{directory / TEMPLATE_FILE}: expected a JSON object (the input template)")
-        meta["template"] = template
-    return SoftPrompt(emb, meta)
+    return SoftPrompt(*read_peft_adapter(directory))
 
 
 def import_peft(adapter_dir: str | os.PathLike, output: str | os.PathLike, *, template: dict | None = None) -> Path:

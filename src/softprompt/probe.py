@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import SoftPromptError
-from .prompt import INIT_STRATEGIES, SoftPrompt
+from .prompt import INIT_STRATEGIES, SoftPrompt, as_prompt
 
 if TYPE_CHECKING:
     from .model import BaseModel
@@ -313,7 +313,7 @@ def inspect_prompt(
     """
     from .model import load_model
 
-    prompt = prompt_path if isinstance(prompt_path, SoftPrompt) else SoftPrompt.load(prompt_path)
+    prompt = as_prompt(prompt_path)
     label = str(prompt_path) if not isinstance(prompt_path, SoftPrompt) else str(prompt.meta.get("name") or "prompt")
     if prompt.is_deep:
         raise SoftPromptError(f"{label} is a deep prompt (keys/values at every layer): it has no input embeddings "
@@ -335,7 +335,7 @@ def inspect_prompt(
         "compare": None,
     }
     if compare is not None:
-        other = compare if isinstance(compare, SoftPrompt) else SoftPrompt.load(compare)
+        other = as_prompt(compare)
         other_label = str(compare) if not isinstance(compare, SoftPrompt) else str(other.meta.get("name") or "other")
         base.check_compatible(other, source=other_label)
         report["compare"] = {"other": other_label, **_compare(prompt, other)}

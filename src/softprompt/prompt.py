@@ -2,39 +2,52 @@
 keys/values for every layer), its initialisations, and its on-disk form.
 
 The artifact is plain data, as in PEFT's prompt tuning: `prompt.safetensors` (one fp32 tensor) and
-`softprompt.json` (which base model it belongs to, the template, how it was made, final metrics).
+`softprompt.json` (which base model it belongs to, the template, how it was made, final metrics); its files are
+read and written by artifact_files.py. This layer never imports the model: a base is anything `BaseModelLike`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
+from .artifact_files import (MAX_PROMPT_ABS, META_FILE, PEFT_CONFIG, TENSOR_FILE, TENSOR_KEY,  # noqa: F401  (re-exported)
+                             atomic_write, check_prompt_values, read_meta, read_peft_adapter, read_tensor,
+                             remove_stale_temps)
 from .errors import SoftPromptError
 
-if TYPE_CHECKING:
-    from .model import BaseModel
-
-TENSOR_FILE = "prompt.safetensors"
-META_FILE = "softprompt.json"
-TENSOR_KEY = "prompt_embeddings"  # the same key PEFT uses, so the tensor file is interchangeable
 FORMAT_VERSION = 1
 INIT_STRATEGIES = ("random", "vocab", "text", "labels", "prompt")
 # BPE vocabularies are ordered roughly by merge frequency, so low ids are the frequent tokens
 # (Lester et al. sample from the 5,000 most common tokens).
 FREQUENT_TOKENS = 5000
-# A trained prompt's values are of the order of the model's embeddings / activations (|x| ~ 1-100); beyond this a
-# prompt is the result of a diverged run (e.g. --lr 1e30), never something to load or save.
-MAX_PROMPT_ABS = 1e6
+
+
+class BaseModelLike(Protocol):
+    """What a prompt needs of the frozen model it is made for (`model.BaseModel` is one). The prompt layer is
+    plain data and never imports the model: it is handed one."""
+
+    tokenizer: Any
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    @property
+    def kv_layout(self) -> tuple[int, int, int]: ...
+
+    def embedding_matrix(self) -> torch.Tensor: ...
+
+    def prompt_kv(self, prompt: torch.Tensor, *, first_position: int = 0) -> torch.Tensor: ...
+
+    def fingerprint(self) -> dict[str, Any]: ...
+
+    def check_compatible(self, prompt: SoftPrompt, *, source: str = "prompt", strict: bool = True) -> None: ...
 
 
 class SoftPrompt(nn.Module):
@@ -70,7 +83,7 @@ class SoftPrompt(nn.Module):
     @classmethod
     def initialise(
         cls,
-        base: BaseModel,
+        base: BaseModelLike,
         n_virtual_tokens: int,
         init: str = "vocab",
         *,
@@ -151,15 +164,13 @@ class SoftPrompt(nn.Module):
         return out
 
     @classmethod
-    def load(cls, path: str | os.PathLike, base: BaseModel | None = None, *, strict: bool = True) -> SoftPrompt:
+    def load(cls, path: str | os.PathLike, base: BaseModelLike | None = None, *, strict: bool = True) -> SoftPrompt:
         """Load our artifact or a PEFT prompt-tuning adapter directory; with `base`, check they belong together."""
         path = Path(path)
         if not path.exists():
             raise SoftPromptError(f"prompt not found: {path}")
-        if path.is_dir() and (path / "adapter_config.json").exists() and not (path / TENSOR_FILE).exists():
-            from .peft_io import read_peft_prompt
-
-            prompt = read_peft_prompt(path)
+        if path.is_dir() and (path / PEFT_CONFIG).exists() and not (path / TENSOR_FILE).exists():
+            prompt = cls(*read_peft_adapter(path))
         else:
             directory = path if path.is_dir() else path.parent
             tensor_path = directory / TENSOR_FILE if path.is_dir() else path
@@ -191,7 +202,7 @@ class SoftPrompt(nn.Module):
         return self.meta.get("template") or {}
 
 
-def as_prompt(prompt: SoftPrompt | str | os.PathLike | None, base: BaseModel | None = None) -> SoftPrompt | None:
+def as_prompt(prompt: SoftPrompt | str | os.PathLike | None, base: BaseModelLike | None = None) -> SoftPrompt | None:
     """A prompt given as an artifact path, a loaded SoftPrompt or None -> a SoftPrompt (checked against `base` when
     loaded here) or None: the one "load it if it is a path" rule of every command."""
     if prompt is None or isinstance(prompt, SoftPrompt):
@@ -207,103 +218,7 @@ def prompt_base_source(prompt: SoftPrompt | str | os.PathLike | None) -> str | N
     return None if prompt is None else (prompt.meta.get("base") or {}).get("source")
 
 
-def read_tensor(path: Path, key: str) -> torch.Tensor:
-    """Read one tensor from a safetensors file; a corrupt or truncated file is a clear error, never pickle."""
-    try:
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise SoftPromptError(f"{path} is not a readable safetensors file ({e})") from None
-    if key not in tensors:
-        raise SoftPromptError(f"{path} has no tensor named {key!r} (has: {', '.join(tensors) or 'none'})")
-    return tensors[key]
-
-
-def read_json_object(path: Path) -> dict[str, Any]:
-    """A JSON file that must hold an object; anything else is a one-line error naming the file."""
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:  # ValueError: JSONDecodeError, or an over-long integer
-        raise SoftPromptError(f"{path} is not valid JSON ({e})") from None
-    except OSError as e:
-        raise SoftPromptError(f"{path}: cannot read ({e.strerror or e})") from None
-    if not isinstance(obj, dict):
-        raise SoftPromptError(f"{path} must hold a JSON object, got {type(obj).__name__}")
-    return obj
-
-
-def read_meta(path: Path) -> dict[str, Any]:
-    """softprompt.json, with the fields code relies on checked for type (a hand-edited or foreign file)."""
-    meta = read_json_object(path)
-    for key in ("base", "template", "init", "metrics", "training", "kv_layout"):
-        if meta.get(key) is not None and not isinstance(meta[key], dict):
-            raise SoftPromptError(f"{path}: field {key!r} must be an object, got {type(meta[key]).__name__}")
-    template = meta.get("template") or {}
-    for key in ("input", "output", "system"):
-        if template.get(key) is not None and not isinstance(template[key], str):
-            raise SoftPromptError(f"{path}: template field {key!r} must be a string, got {type(template[key]).__name__}")
-    if template.get("label_map") is not None and not isinstance(template["label_map"], (dict, str)):
-        raise SoftPromptError(f"{path}: template field 'label_map' must be an object")
-    if template.get("chat") is not None and not isinstance(template["chat"], bool):
-        raise SoftPromptError(f"{path}: template field 'chat' must be true or false")
-    return meta
-
-
-def check_prompt_values(emb: torch.Tensor, source: Path | str) -> None:
-    """Refuse what no training should produce: no virtual tokens, NaN/inf, or values of a diverged run."""
-    if emb.dim() in (2, 3) and (emb.shape[0] == 0 or emb.numel() == 0):
-        raise SoftPromptError(f"{source}: the prompt has no virtual tokens (shape {tuple(emb.shape)})")
-    if emb.is_floating_point() and emb.numel():
-        if not bool(torch.isfinite(emb).all()):
-            raise SoftPromptError(f"{source}: the prompt holds NaN or infinite values (a diverged training run?)")
-        biggest = float(emb.abs().max())
-        if biggest > MAX_PROMPT_ABS:
-            raise SoftPromptError(f"{source}: the prompt holds values up to {biggest:.3g}, over {MAX_PROMPT_ABS:g} "
-                                  "(a diverged training run? try a lower --lr)")
-
-
-TMP_RE = re.compile(r"^\..+\.tmp-(\d+)$")
-
-
-def atomic_write(path: Path, write) -> None:
-    """Write via a temp file in the same folder, then rename: a crash never leaves a half-written file. A failed
-    write (disk full, file-size limit) is one line naming the file; the previous file is untouched."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except (OSError, SafetensorError) as e:
-        reason = getattr(e, "strerror", None) or str(e).rpartition("I/O error: ")[2]  # safetensors wraps the OS error
-        raise SoftPromptError(f"cannot write {path}: {reason}"
-                              + (f" (the previous {path.name} is unchanged)" if path.exists() else "")) from None
-    finally:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-
-
-def remove_stale_temps(directory: Path) -> list[Path]:
-    """Delete hidden `.NAME.tmp-PID` files left by writers that were killed (their PID is gone)."""
-    removed = []
-    with contextlib.suppress(OSError):
-        for f in Path(directory).iterdir():
-            m = TMP_RE.match(f.name)
-            if m and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))):
-                with contextlib.suppress(OSError):
-                    f.unlink()
-                    removed.append(f)
-    return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError, OSError):
-        return True  # exists but not ours, or cannot tell: leave its file alone
-    return True
-
-
-def _frequent_token_ids(base: BaseModel, n: int, gen: torch.Generator) -> torch.Tensor:
+def _frequent_token_ids(base: BaseModelLike, n: int, gen: torch.Generator) -> torch.Tensor:
     special = set(base.tokenizer.all_special_ids)
     pool = torch.tensor([i for i in range(min(FREQUENT_TOKENS, base.vocab_size)) if i not in special])
     if n <= len(pool):

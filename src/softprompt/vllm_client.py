@@ -22,7 +22,7 @@ from .data import Encoder, Template
 from .errors import SoftPromptError
 from .generate import fill_template
 from .model import BaseModel, load_model, split_prompts
-from .prompt import SoftPrompt
+from .prompt import SoftPrompt, as_prompt, prompt_base_source
 
 EMBEDS_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -92,11 +92,10 @@ def completion_request(
     if not texts:
         raise SoftPromptError("no input text")
     if base is None:
-        if model is None and prompt is not None:  # the base the artifact names, as `generate` picks it
-            saved = prompt if isinstance(prompt, SoftPrompt) else SoftPrompt.load(prompt)
-            model = (saved.meta.get("base") or {}).get("source")
+        if model is None:  # the base the artifact names, as `generate` picks it
+            model = prompt_base_source(prompt)
         base = load_model(model, dtype=dtype, device=device)
-    loaded = SoftPrompt.load(prompt, base) if isinstance(prompt, (str, os.PathLike)) else prompt
+    loaded = as_prompt(prompt, base)
     encoded = [encode_embeds(prompt_embeds(base, loaded, t, raw), embeds_dtype) for t in texts]
     body: dict[str, Any] = {
         "model": served_model_name or base.source,

@@ -1,4 +1,5 @@
-"""OpenAI-compatible request parsing and response shapes for `softprompt serve` (no web framework here).
+"""OpenAI-compatible request parsing (body -> request -> token ids, every limit checked) and response shapes for
+`softprompt serve` (no web framework here).
 
 Every bad request becomes an `ApiError` whose message names the field and the limit, answered as OpenAI does:
 `{"error": {"message", "type", "param", "code"}}`.
@@ -13,7 +14,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .sampling import GREEDY_BELOW, SamplingParams
+from ..data import Encoder, Template
+from ..engine import PromptEntry
+from ..errors import SoftPromptError
+from ..generate import fill_template
+from ..model import BaseModel
+from ..sampling import GREEDY_BELOW, SamplingParams
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                404: "not_found_error", 405: "invalid_request_error", 408: "timeout", 413: "invalid_request_error",
@@ -32,6 +38,28 @@ class ApiError(Exception):
 
 def error_body(status: int, message: str, *, param: str | None = None, code: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": ERROR_TYPES.get(status, "error"), "param": param, "code": code}}
+
+
+def parse_json_body(body: bytes) -> dict[str, Any]:
+    """A request body -> the JSON object it must hold; anything else is a 400 saying what is wrong."""
+    if not body.strip():
+        raise ApiError(400, "empty request body: send a JSON object", code="invalid_json")
+    try:
+        obj = json.loads(body)
+        # A lone surrogate ("\ud800") parses, but no tokenizer or response can encode it: refuse it here.
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ApiError(400, f"malformed JSON in the request body: {e}", code="invalid_json") from None
+    except UnicodeEncodeError:
+        raise ApiError(400, "the request body holds a lone UTF-16 surrogate (e.g. \\ud800): not valid Unicode text",
+                       code="invalid_json") from None
+    except ValueError as e:  # e.g. an integer over Python's 4,300-digit conversion limit
+        raise ApiError(400, f"malformed JSON in the request body: {e}", code="invalid_json") from None
+    except RecursionError:
+        raise ApiError(400, "malformed JSON in the request body: nested too deeply", code="invalid_json") from None
+    if not isinstance(obj, dict):
+        raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
+    return obj
 
 
 # ---- field readers ------------------------------------------------------------------------------------
@@ -253,6 +281,61 @@ def parse_chat(body: dict, limits: Limits) -> GenRequest:
     req.stream = get_bool(body, "stream", False)
     req.include_usage = _stream_options(body)
     return req
+
+
+# ---- request -> token ids -------------------------------------------------------------------------------
+
+
+def request_inputs(base: BaseModel, req: GenRequest, entry: PromptEntry | None) -> list[list[int]]:
+    """The token ids of each input of a parsed request: a chat rendered by the model's chat template, token ids as
+    given (checked against the vocabulary), or texts (through the prompt's saved template with `use_template`)."""
+    tok = base.tokenizer
+    if req.kind == "chat":
+        if not getattr(tok, "chat_template", None):
+            raise ApiError(400, "this model has no chat template: use /v1/completions", code="no_chat_template")
+        try:
+            rendered = tok.apply_chat_template(req.messages, tokenize=False, add_generation_prompt=True)
+        except Exception as e:  # the template's own checks (e.g. role order) raise plain exceptions
+            raise ApiError(400, f"messages: the chat template rejected them ({e})", param="messages") from None
+        return [tok(rendered, add_special_tokens=False)["input_ids"]]
+    if req.token_prompts:
+        for ids in req.token_prompts:
+            if any(t < 0 or t >= base.vocab_size for t in ids):
+                raise ApiError(400, f"prompt: token ids must be in [0, {base.vocab_size})", param="prompt")
+        return req.token_prompts
+    try:
+        template = Template.from_dict(entry.meta.get("template")) if req.use_template and entry and entry.meta.get("template") else None
+    except (SoftPromptError, TypeError, AttributeError, ValueError) as e:  # a hand-edited template
+        raise ApiError(400, f"use_template: this prompt's saved template is invalid ({e})", param="use_template") from None
+    if req.use_template and template is None:
+        raise ApiError(400, "use_template: this prompt has no saved template", param="use_template")
+    if template is not None:
+        try:
+            return [Encoder(tok, template).input_ids(fill_template(template, t)) for t in req.texts]
+        except Exception as e:  # noqa: BLE001  the saved template or its chat template rejected this input
+            raise ApiError(400, f"prompt: {e}", param="prompt") from None
+    encoder = Encoder(tok, Template())
+    return [encoder.input_ids(t) for t in req.texts]
+
+
+def check_input_lengths(inputs: list[list[int]], req: GenRequest, entry: PromptEntry | None, limits: Limits,
+                        max_positions: int) -> None:
+    """Refuse an empty input that nothing can continue, an input over --max-input-tokens, and virtual + input +
+    max_tokens over the model's context."""
+    virtual = entry.n_virtual_tokens if entry else 0
+    for ids in inputs:
+        if not ids and (entry is None or entry.embeddings.dim() != 2):
+            raise ApiError(400, "prompt is empty: only an input-embedding soft prompt can be continued from "
+                                "nothing (not the base model, not a deep prompt)", param="prompt", code="empty_prompt")
+        if len(ids) > limits.max_input_tokens:
+            raise ApiError(400, f"the input is {len(ids)} tokens, over this server's limit of {limits.max_input_tokens} "
+                                "(--max-input-tokens)", param="prompt" if req.kind == "completion" else "messages",
+                           code="input_too_long")
+        total = virtual + len(ids) + req.params.max_tokens
+        if total > max_positions:
+            raise ApiError(400, f"{virtual} virtual + {len(ids)} input + {req.params.max_tokens} max_tokens = {total} "
+                                f"tokens, over the model's context of {max_positions}: lower max_tokens",
+                           param="max_tokens", code="context_length_exceeded")
 
 
 # ---- response shapes -----------------------------------------------------------------------------------

