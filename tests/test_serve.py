@@ -703,9 +703,11 @@ def test_mini_load_with_malformed_requests(base, prompts_dir):
 
 def test_cli_has_serve():
     from softprompt.cli import build_parser
+    from softprompt.config import config_from_args
 
     args = build_parser().parse_args(["serve", "--prompts", "p"])
-    assert args.host == "127.0.0.1" and args.port == 8000 and args.func.__name__ == "_cmd_serve"
+    cfg = config_from_args(ServeConfig, args)  # flags stay unset (None) in args so that a --config file can fill them
+    assert cfg.host == "127.0.0.1" and cfg.port == 8000 and args.func.__name__ == "_cmd_serve"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

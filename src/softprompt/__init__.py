@@ -1,6 +1,6 @@
 """softprompt: train, evaluate, inspect and serve soft prompts (prompt tuning) on frozen language models."""
 
-from .config import DistillConfig, TrainConfig
+from .config import DistillConfig, EvalConfig, GenerateConfig, InspectConfig, ServeConfig, TrainConfig
 from .errors import SoftPromptError
 from .distill import DistillResult, distill
 from .evaluate import evaluate
@@ -10,7 +10,8 @@ from .peft_io import export_peft, import_peft
 from .prompt import SoftPrompt
 from .train import TrainResult, train
 
-__all__ = ["BaseModel", "DistillConfig", "DistillResult", "SoftPrompt", "SoftPromptError", "TrainConfig", "TrainResult",
+__all__ = ["BaseModel", "DistillConfig", "DistillResult", "EvalConfig", "GenerateConfig", "InspectConfig", "ServeConfig",
+           "SoftPrompt", "SoftPromptError", "TrainConfig", "TrainResult",
            "distill", "evaluate", "export_peft",
            "generate", "import_peft", "load_model", "train"]
 __version__ = "0.1.0"

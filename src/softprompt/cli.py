@@ -9,8 +9,10 @@ import os
 import sys
 import time
 import warnings
+from dataclasses import replace
 
-from .config import DistillConfig, TrainConfig, add_dataclass_args, cli_text, config_from_args
+from .config import (DistillConfig, EvalConfig, GenerateConfig, InspectConfig, ServeConfig, TrainConfig,
+                     add_dataclass_args, config_from_args)
 from .errors import SoftPromptError
 from .progress import show_load_progress
 
@@ -49,13 +51,6 @@ def _cmd_distill(args) -> int:
     return 0
 
 
-def _template_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--input-template", type=cli_text, help="override the prompt's input template")
-    p.add_argument("--output-template", type=cli_text, help="override the prompt's output template")
-    p.add_argument("--label-map", help="e.g. 0=negative,1=positive")
-    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None, help="use the chat template")
-
-
 def _common_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="hub id, folder or .gguf (default: the prompt's base, else embedded SmolLM2)")
     p.add_argument("--dtype", default="auto")
@@ -65,14 +60,10 @@ def _common_model_args(p: argparse.ArgumentParser) -> None:
 def _cmd_eval(args) -> int:
     from .evaluate import evaluate, format_table
 
-    prompts = args.prompt or None
-    result = evaluate(args.data, prompts, model=args.model, input_template=args.input_template,
-                      output_template=args.output_template, label_map=args.label_map, chat=args.chat,
-                      limit=args.limit, batch_size=args.batch_size, dtype=args.dtype, device=args.device,
-                      progress=not args.json and not args.no_progress, task=args.task,
-                      baselines=args.baselines or (),
-                      instruction=args.instruction, shots=args.shots, shots_from=args.shots_from, seed=args.seed,
-                      max_new_tokens=args.max_new_tokens, stop=args.stop, max_length=args.max_length)
+    cfg = config_from_args(EvalConfig, args, _EXTRAS["eval"])
+    if args.json:
+        cfg = replace(cfg, progress=False)  # standard output is the JSON object; no bars on standard error either
+    result = evaluate(cfg)
     if args.json:
         drop = {"predictions"}
         out = {k: v for k, v in result.items() if k not in drop}
@@ -80,7 +71,7 @@ def _cmd_eval(args) -> int:
         print(json.dumps(out))
         return 0
     print(format_table(result))
-    if prompts and not args.baselines:
+    if cfg.prompt and not cfg.baselines:
         _say("(the prompt alone; --baselines all adds the untuned model, a hand-written instruction and k-shot "
              "on the same rows)")
     return 0
@@ -88,25 +79,26 @@ def _cmd_eval(args) -> int:
 
 def _cmd_generate(args) -> int:
     from .generate import generate
-    from .model import load_model
-    from .prompt import SoftPrompt, prompt_base_source
 
-    texts = args.text or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    cfg = config_from_args(GenerateConfig, args, _EXTRAS["generate"])
+    texts = cfg.text or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     if not texts:
         raise SoftPromptError("no input text: pass it as an argument or on standard input")
-    base = load_model(args.model if args.model else prompt_base_source(args.prompt), dtype=args.dtype, device=args.device)
-    prompt = SoftPrompt.load(args.prompt, base) if args.prompt else None
-    kw = dict(base=base, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-              seed=args.seed, stop=args.stop or (), raw=args.raw)
-    tuned = generate(texts, prompt, **kw)
+    cfg = replace(cfg, text=texts)
     if not args.compare:
-        for t in tuned:
+        for t in generate(cfg):
             print(t)
         return 0
     from .data import Template
+    from .model import load_model
+    from .prompt import SoftPrompt, prompt_base_source
 
+    # Both runs on one loaded model; the untuned one gets the prompt's template, so only the prompt differs.
+    base = load_model(cfg.model if cfg.model else prompt_base_source(cfg.prompt), dtype=cfg.dtype, device=cfg.device)
+    prompt = SoftPrompt.load(cfg.prompt, base) if cfg.prompt else None
+    tuned = generate(cfg, prompt, base=base)
     template = Template.from_dict(prompt.template) if prompt is not None and prompt.template else None
-    untuned = generate(texts, None, template=None if args.raw else template, **kw)
+    untuned = generate(replace(cfg, prompt=None), base=base, template=None if cfg.raw else template)
     for text, before, after in zip(texts, untuned, tuned):
         print(f"input:   {text}\nuntuned: {before.strip()!r}\ntuned:   {after.strip()!r}\n")
     return 0
@@ -153,8 +145,8 @@ def _cmd_import(args) -> int:
 def _cmd_inspect(args) -> int:
     from .probe import format_report, inspect_prompt, write_png
 
-    report = inspect_prompt(args.prompt, model=args.model, k=args.top_k, compare=args.compare, dtype=args.dtype,
-                     device=args.device)
+    cfg = config_from_args(InspectConfig, args, _EXTRAS["inspect"])
+    report = inspect_prompt(cfg)
     if args.png:
         write_png(report, args.png)
     print(json.dumps(report) if args.json else format_report(report))
@@ -171,83 +163,57 @@ def _cmd_demo(args) -> int:
 
 
 def _cmd_serve(args) -> int:
-    import logging
+    from .serve import run_server
 
-    from .model import load_model
-    from .serve import ServeConfig, check_exposure, read_api_key, run_server
-
+    cfg = config_from_args(ServeConfig, args)
+    if not cfg.prompts:
+        raise SoftPromptError("serve needs --prompts DIR: a folder of prompt artifacts or PEFT adapters, one per "
+                              "subfolder (or `prompts` in --config)")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(name)s: %(message)s")
-    cfg = ServeConfig(host=args.host, port=args.port, api_key=read_api_key(args.api_key, args.api_key_file),
-                      allow_no_api_key=args.allow_no_api_key,
-                      served_model_name=args.served_model_name, max_running=args.max_running,
-                      max_waiting=args.max_waiting, max_input_tokens=args.max_input_tokens,
-                      max_output_tokens=args.max_output_tokens, request_timeout=args.timeout,
-                      max_body_bytes=args.max_body_bytes, watch_interval=args.watch_interval)
-    check_exposure(cfg)  # before the model load, not 20 s later
-    base = load_model(args.model, dtype=args.dtype, device=args.device)
-    run_server(base, args.prompts, cfg)
+    run_server(config=cfg)  # the API key, the exposure check (before the model loads), the model, the server
     return 0
+
+
+# A command's own options that are not fields of its config (how the result is shown); --config may set them too.
+_EXTRAS: dict[str, dict[str, type]] = {"eval": {"json": bool}, "generate": {"compare": bool},
+                                       "inspect": {"json": bool, "png": str}}
+
+
+def _config_command(sub, name: str, cls, func, **parser_kw) -> argparse.ArgumentParser:
+    """A command whose flags are its config dataclass's fields, plus --config FILE."""
+    p = sub.add_parser(name, **parser_kw)
+    p.add_argument("--config", metavar="FILE", help="JSON, YAML or TOML file holding any of the options below (keys "
+                   "are the long flags without '--'); flags given as well win")
+    add_dataclass_args(p, cls)
+    p.set_defaults(func=func)
+    return p
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="softprompt", description="Train, evaluate and use soft prompts on frozen language models.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="train a soft prompt", description="Train a soft prompt on a frozen model.")
-    p.add_argument("--config", help="JSON/YAML/TOML file with any of the fields below (flags win)")
-    add_dataclass_args(p, TrainConfig)
-    p.set_defaults(func=_cmd_train)
+    _config_command(sub, "train", TrainConfig, _cmd_train, help="train a soft prompt",
+                    description="Train a soft prompt on a frozen model.")
 
-    p = sub.add_parser("distill", help="distil a long prompt into a soft prompt (prompt compression)",
-                       description="Train a soft prompt so that the model without the long --teacher prompt behaves "
-                                   "as it does with it: KL to the teacher's next-token distributions along its own "
-                                   "greedy continuations of --data's inputs. Reports agreement, KL and prefill "
-                                   "speed-up on held-out inputs.")
-    p.add_argument("--config", help="JSON/YAML/TOML file with any of the fields below (flags win)")
-    add_dataclass_args(p, DistillConfig)
-    p.set_defaults(func=_cmd_distill)
+    _config_command(sub, "distill", DistillConfig, _cmd_distill,
+                    help="distil a long prompt into a soft prompt (prompt compression)",
+                    description="Train a soft prompt so that the model without the long --teacher prompt behaves "
+                                "as it does with it: KL to the teacher's next-token distributions along its own "
+                                "greedy continuations of --data's inputs. Reports agreement, KL and prefill "
+                                "speed-up on held-out inputs.")
 
-    p = sub.add_parser("eval", help="evaluate prompts and baselines on data (classification, generation, lm)",
-                       description="Score soft prompts and baselines (untuned model, hand-written instruction, "
-                                   "k-shot examples) on the same rows, and print one table (or --json).")
-    p.add_argument("--prompt", action="append", help="prompt artifact or PEFT adapter directory (repeatable; "
-                   "omit: the untuned model)")
-    p.add_argument("--data", required=True, help="a data file, a Hugging Face dataset folder (FOLDER[@SPLIT]) or "
-                   "hf:ID[:CONFIG][@SPLIT] (README, Train)")
-    p.add_argument("--task", default="auto", choices=["auto", "classification", "generation", "lm"],
-                   help="auto: lm for an empty input template, classification for a small label set, else generation")
-    p.add_argument("--baselines", help="comma list of untuned, instruction, kshot; 'all' (those whose inputs are "
-                   "available) or 'none' (the default: a quick check scores the prompt alone; without --prompt "
-                   "the untuned model is scored)")
-    p.add_argument("--instruction", type=cli_text, help="hand-written instruction placed before each input (default: the prompt's "
-                   "--init-text, if any)")
-    p.add_argument("--shots", type=int, default=4, help="examples in the k-shot baseline (default: 4)")
-    p.add_argument("--shots-from", help="rows for the k-shot baseline (default: the prompt's training data)")
-    p.add_argument("--seed", type=int, default=0, help="seed for drawing the k-shot examples")
-    p.add_argument("--limit", type=int, help="evaluate only the first N rows (quick look)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-length", type=int, default=512, help="max tokens per row (input truncated from the left)")
-    p.add_argument("--max-new-tokens", type=int, help="generation: tokens to generate (default: from the references)")
-    p.add_argument("--stop", action="append", help="generation: stop string (repeatable; default: newline when "
-                   "no reference has one)")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    _template_args(p)
-    _common_model_args(p)
-    p.set_defaults(func=_cmd_eval)
+    p = _config_command(sub, "eval", EvalConfig, _cmd_eval,
+                        help="evaluate prompts and baselines on data (classification, generation, lm)",
+                        description="Score soft prompts and baselines (untuned model, hand-written instruction, "
+                                    "k-shot examples) on the same rows, and print one table (or --json).")
+    p.add_argument("--json", action="store_true", default=None, help="print one JSON object (no progress bars)")
 
-    p = sub.add_parser("generate", help="generate with a soft prompt")
-    p.add_argument("text", nargs="*", help="input text(s); read from stdin when none")
-    p.add_argument("--prompt", help="prompt artifact or PEFT adapter directory")
-    p.add_argument("--compare", action="store_true", help="print the untuned and the tuned answers side by side")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--stop", action="append", help="stop string (repeatable)")
-    p.add_argument("--raw", action="store_true", help="do not apply the prompt's input template")
-    _common_model_args(p)
-    p.set_defaults(func=_cmd_generate)
+    p = _config_command(sub, "generate", GenerateConfig, _cmd_generate, help="generate with a soft prompt",
+                        description="Continue each input text with a soft prompt (filled into its saved input "
+                                    "template unless --raw), or with the untuned model.")
+    p.add_argument("--compare", action="store_true", default=None,
+                   help="print the untuned and the tuned answers side by side")
 
     p = sub.add_parser("export", help="write a prompt in another format (PEFT)")
     p.add_argument("--prompt", required=True)
@@ -281,17 +247,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True)
     p.set_defaults(func=_cmd_import)
 
-    p = sub.add_parser("inspect", help="what a prompt looks like: nearest tokens, norms, drift from its init, "
-                       "similarity to another prompt", description="Nearest vocabulary tokens of each virtual token "
-                       "(cosine), norms against the vocabulary's, distance from the reproduced initialisation, and "
-                       "with --compare the similarity to another prompt for the same model.")
-    p.add_argument("prompt", help="prompt artifact or PEFT adapter directory")
-    p.add_argument("-k", "--top-k", type=int, default=5, help="nearest tokens per virtual token (default: 5)")
-    p.add_argument("--compare", metavar="OTHER_PROMPT", help="also compare with this prompt (cosines, matching)")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p = _config_command(sub, "inspect", InspectConfig, _cmd_inspect,
+                        help="what a prompt looks like: nearest tokens, norms, drift from its init, similarity to "
+                             "another prompt",
+                        description="Nearest vocabulary tokens of each virtual token (cosine), norms against the "
+                                    "vocabulary's, distance from the reproduced initialisation, and with --compare "
+                                    "the similarity to another prompt for the same model.")
+    p.add_argument("--json", action="store_true", default=None, help="print one JSON object")
     p.add_argument("--png", metavar="FILE", help="write a heat map (nearest tokens, or the --compare cosine matrix)")
-    _common_model_args(p)
-    p.set_defaults(func=_cmd_inspect)
 
     p = sub.add_parser("demo", help="train on a small built-in task and show before/after (a few minutes on CPU)")
     p.add_argument("--output", default="runs/demo")
@@ -299,29 +262,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None)
     p.set_defaults(func=_cmd_demo)
 
-    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server: many soft prompts on one frozen model",
-                       description="Serve every prompt in --prompts (a model id BASE:PROMPT each) with mixed-prompt "
-                                   "continuous batching. See docs/serving.md.")
-    p.add_argument("--model", help="hub id, folder or .gguf (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--prompts", required=True, help="folder of prompt artifacts / PEFT prompt-tuning adapters, one per subfolder")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", help="require `Authorization: Bearer KEY` (default: $SOFTPROMPT_API_KEY, else none; "
-                   "visible in the process list: prefer --api-key-file or the variable)")
-    p.add_argument("--api-key-file", help="read the API key from this file (its first line)")
-    p.add_argument("--allow-no-api-key", action="store_true", help="serve a non-loopback --host without an API key "
-                   "(refused by default)")
-    p.add_argument("--served-model-name", help="the base model's name in requests (default: from --model)")
-    p.add_argument("--max-running", type=int, default=32, help="sequences decoded together")
-    p.add_argument("--max-waiting", type=int, default=256, help="queued sequences; beyond this, 429")
-    p.add_argument("--max-input-tokens", type=int, default=2048)
-    p.add_argument("--max-output-tokens", type=int, default=512)
-    p.add_argument("--timeout", type=float, default=120.0, help="seconds a request may take")
-    p.add_argument("--max-body-bytes", type=int, default=1 << 20)
-    p.add_argument("--watch-interval", type=float, default=2.0, help="seconds between prompt-folder rescans (0: off)")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--device", default="auto")
-    p.set_defaults(func=_cmd_serve)
+    _config_command(sub, "serve", ServeConfig, _cmd_serve,
+                    help="OpenAI-compatible HTTP server: many soft prompts on one frozen model",
+                    description="Serve every prompt in --prompts (a model id BASE:PROMPT each) with mixed-prompt "
+                                "continuous batching. Every limit is a flag (and a --config key). See "
+                                "docs/serving.md.")
     return parser
 
 

@@ -25,6 +25,7 @@ from typing import Any, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from .config import EvalConfig, from_call
 from .data import Template, label_set, read_rows
 from .ensemble import evaluate_ensemble
 from .errors import SoftPromptError
@@ -191,31 +192,17 @@ def format_table(report: dict[str, Any]) -> str:
 
 
 def evaluate(
-    data: str,
+    data: EvalConfig | dict | str | os.PathLike | None = None,
     prompt: str | os.PathLike | SoftPrompt | Sequence[str | os.PathLike | SoftPrompt] | None = None,
     *,
-    model: str | None = None,
     base: BaseModel | None = None,
-    input_template: str | None = None,
-    output_template: str | None = None,
-    label_map: str | None = None,
-    chat: bool | None = None,
-    limit: int | None = None,
-    batch_size: int = 16,
-    max_length: int = 512,
-    dtype: str = "auto",
-    device: str = "auto",
-    progress: bool = True,
-    task: str = "auto",
-    baselines: Sequence[str] | str = (),
-    instruction: str | None = None,
-    shots: int = 4,
-    shots_from: str | None = None,
-    seed: int = 0,
-    max_new_tokens: int | None = None,
-    stop: Sequence[str] | None = None,
+    **kwargs: Any,
 ) -> dict[str, Any]:
     """Evaluate soft prompt(s) (or, without one, the untuned model with the same template) on `data`.
+
+    Takes an EvalConfig (or a dict of its fields): `evaluate(EvalConfig(data=..., prompt=[...]), base=base)`, or
+    the data, the prompt(s) and any other field as keyword arguments: `evaluate("dev.jsonl", prompt, shots=2)`.
+    `base` reuses an already loaded model (else `model`, else the prompt's base, is loaded).
 
     The template comes from the (first) prompt's artifact unless given here. Returns the first system's metrics
     at the top level (loss, perplexity; accuracy and macro_f1 for classification; BLEU, ROUGE-L, token F1 and
@@ -225,46 +212,51 @@ def evaluate(
     (`shots` rows of `shots_from`, else of the prompt's training data), or 'auto' for those whose inputs are
     available. Baselines come first in the table, prompts last.
     """
-    rows = read_rows(data)[:limit] if limit else read_rows(data)
-    prompts = [] if prompt is None else list(prompt) if isinstance(prompt, (list, tuple)) else [prompt]
+    cfg = from_call(EvalConfig, data, "data", {"prompt": prompt}, kwargs)
+    rows = read_rows(cfg.data)[:cfg.limit] if cfg.limit else read_rows(cfg.data)
+    prompts = [] if cfg.prompt is None else list(cfg.prompt) if isinstance(cfg.prompt, (list, tuple)) else [cfg.prompt]
     if base is None:
         first = prompts[0] if prompts else None
-        base = load_model(model if model is not None else prompt_base_source(first), dtype=dtype, device=device)
+        base = load_model(cfg.model if cfg.model is not None else prompt_base_source(first), dtype=cfg.dtype,
+                          device=cfg.device)
     loaded = [as_prompt(p, base) for p in prompts]
     saved = dict(loaded[0].template) if loaded else {}
-    overrides = {"input": input_template, "output": output_template, "label_map": label_map, "chat": chat}
+    overrides = {"input": cfg.input_template, "output": cfg.output_template, "label_map": cfg.label_map,
+                 "chat": cfg.chat}
     template = Template.from_dict({**saved, **{k: v for k, v in overrides.items() if v is not None}})
 
-    wanted = _parse_baselines(baselines)
+    wanted = _parse_baselines(cfg.baselines)
     auto = "auto" in wanted
     meta = loaded[0].meta if loaded else {}
     systems: list[System] = []
     if "untuned" in wanted or auto or not loaded:
         systems.append(System("untuned"))
-    text = instruction or ((meta.get("init") or {}).get("text") if meta else None)
+    text = cfg.instruction or ((meta.get("init") or {}).get("text") if meta else None)
     if "instruction" in wanted and not text:
         raise SoftPromptError("the instruction baseline needs --instruction TEXT (or a prompt trained with --init-text)")
     if text and ("instruction" in wanted or auto):
         systems.append(System("instruction", prefix=text.rstrip() + "\n"))
-    shot_file = shots_from or ((meta.get("training") or {}).get("data") if meta else None)
+    shots = cfg.shots
+    shot_file = cfg.shots_from or ((meta.get("training") or {}).get("data") if meta else None)
     if "kshot" in wanted and (not shot_file or shots <= 0):
         raise SoftPromptError("the k-shot baseline needs --shots-from FILE (or a prompt whose training data exists) "
                               "and --shots > 0")
     readable = shot_file and (os.path.isfile(shot_file) or is_local_dataset(shot_file))  # no network for a baseline
     if shot_file and shots > 0 and ("kshot" in wanted or (auto and readable)):
         shot_rows = read_rows(shot_file)
-        systems.append(System(f"{shots}-shot", prefix=kshot_prefix(template, shot_rows, shots, seed, str(shot_file))))
+        systems.append(System(f"{shots}-shot", prefix=kshot_prefix(template, shot_rows, shots, cfg.seed, str(shot_file))))
     for p, sp in zip(prompts, loaded):
         name = str(p) if isinstance(p, (str, os.PathLike)) else str(sp.meta.get("name") or "prompt")
         systems.append(System(f"prompt {name}" if len(loaded) > 1 else "softprompt", sp, source=name))
 
-    report = compare(base, template, rows, systems, task=task, source=str(data), max_length=max_length,
-                     batch_size=batch_size, max_new_tokens=max_new_tokens, stop=stop, progress=progress)
+    source = str(cfg.data)
+    report = compare(base, template, rows, systems, task=cfg.task, source=source, max_length=cfg.max_length,
+                     batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens, stop=cfg.stop, progress=cfg.progress)
     if len(loaded) > 1 and report["task"] == "classification":
         # Several prompts for one task: add their mean-log-prob and majority-vote ensembles (Lester et al. 2021).
-        evalset = prepare(base, template, rows, source=str(data), max_length=max_length, task="classification")
+        evalset = prepare(base, template, rows, source=source, max_length=cfg.max_length, task="classification")
         names = [s.name for s in systems[len(systems) - len(loaded):]]
-        report["systems"] += evaluate_ensemble(base, loaded, names, evalset, batch_size * 2, progress)["ensembles"]
+        report["systems"] += evaluate_ensemble(base, loaded, names, evalset, cfg.batch_size * 2, cfg.progress)["ensembles"]
     primary = report["systems"][len(systems) - len(loaded)] if loaded else report["systems"][0]
     return {**{k: v for k, v in primary.items() if k != "system"}, **report,
             "prompt": None if not loaded else primary["prompt"]}

@@ -11,6 +11,7 @@ from typing import Any, Sequence
 
 import torch
 
+from .config import GenerateConfig, from_call
 from .data import Encoder, Template
 from .engine import Engine, PromptEntry
 from .engine import Sequence as EngineSequence
@@ -107,27 +108,27 @@ def _generate_seq2seq(base, inputs, prompts, max_new_tokens, temperature, top_p,
 
 
 def generate(
-    texts: str | list[str],
+    texts: GenerateConfig | dict | str | list[str] | None = None,
     prompt: str | os.PathLike | SoftPrompt | None | Sequence[str | os.PathLike | SoftPrompt | None] = None,
     *,
-    model: str | None = None,
     base: BaseModel | None = None,
-    max_new_tokens: int = 64,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    seed: int | None = 0,
-    stop: Sequence[str] = (),
     template: Template | None = None,
-    raw: bool = False,
-    batch_size: int = 16,
-    dtype: str = "auto",
-    device: str = "auto",
+    **kwargs: Any,
 ) -> str | list[str]:
     """Generate continuations of `texts` with a soft prompt (a path, a SoftPrompt, None, or one per text).
 
+    Takes a GenerateConfig (or a dict of its fields; `text` holds the texts), or the texts, the prompt and any other
+    field as keyword arguments. `base` reuses a loaded model; `template` replaces the prompt's saved one.
     Each text fills the prompt's saved input template (unless `raw` or a `template` is given), so
     `generate("a gripping film", "runs/sentiment")` asks exactly what the prompt was trained on.
     """
+    cfg = from_call(GenerateConfig, texts, "text", {"prompt": prompt}, kwargs)
+    texts, prompt, model, max_new_tokens, temperature, top_p, seed, raw, batch_size, dtype, device = (
+        cfg.text, cfg.prompt, cfg.model, cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.seed, cfg.raw,
+        cfg.batch_size, cfg.dtype, cfg.device)
+    stop = cfg.stop or ()
+    if texts is None:
+        raise SoftPromptError("no input text to generate from")
     single = isinstance(texts, str)
     texts = [texts] if single else list(texts)
     per_row = isinstance(prompt, (list, tuple))

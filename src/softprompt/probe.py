@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
+from .config import InspectConfig, from_call
 from .errors import SoftPromptError
 from .prompt import INIT_STRATEGIES, SoftPrompt, as_prompt
 
@@ -295,17 +296,19 @@ def drift_from_init(base: BaseModel, prompt: SoftPrompt) -> dict[str, Any]:
 # ---- everything at once -----------------------------------------------------------------------------
 
 def inspect_prompt(
-    prompt_path: str | os.PathLike | SoftPrompt,
+    prompt_path: InspectConfig | dict | str | os.PathLike | SoftPrompt | None = None,
     model: str | os.PathLike | None = None,
-    k: int = 5,
+    k: int | None = None,
     compare: str | os.PathLike | SoftPrompt | None = None,
     *,
     base: BaseModel | None = None,
-    dtype: str = "auto",
-    device: str = "auto",
+    **kwargs: Any,
 ) -> dict[str, Any]:
     """Inspect one prompt (artifact or PEFT adapter directory): nearest tokens, norms, drift, and optionally
     its similarity to another prompt. The model defaults to the one the prompt's meta["base"] names.
+
+    Takes an InspectConfig (or a dict of its fields), or the prompt, `model`, `k` (InspectConfig.top_k, default 5),
+    `compare` and any other field as keyword arguments; `base` reuses a loaded model.
 
     Returns a JSON-able dict with the keys REPORT_KEYS: "prompt" (path or name), "name", "model" (base source),
     "n_virtual_tokens", "dim", "k", "nearest" (nearest_tokens), "norms" (norm_report), "drift"
@@ -313,6 +316,8 @@ def inspect_prompt(
     """
     from .model import load_model
 
+    cfg = from_call(InspectConfig, prompt_path, "prompt", {"model": model, "top_k": k, "compare": compare}, kwargs)
+    prompt_path, model, k, compare, dtype, device = cfg.prompt, cfg.model, cfg.top_k, cfg.compare, cfg.dtype, cfg.device
     prompt = as_prompt(prompt_path)
     label = str(prompt_path) if not isinstance(prompt_path, SoftPrompt) else str(prompt.meta.get("name") or "prompt")
     if prompt.is_deep:

@@ -13,7 +13,8 @@ prompts directory as loaded prompts), `metrics` (/metrics counters and text), `g
 """
 
 from .api import ApiError, GenRequest, Limits
-from .app import ServeConfig, ServerState, create_app, default_model_name, run_server
+from ..config import ServeConfig
+from .app import ServerState, create_app, default_model_name, run_server
 from .guard import Guard, check_exposure, is_loopback, read_api_key
 from .metrics import Metrics
 from .registry import PromptRegistry

@@ -3,6 +3,7 @@
     app = create_app(load_model(None), "prompts/")      # an ASGI app (Starlette); run it with uvicorn
     run_server(base, "prompts/", ServeConfig(port=8000))  # or let this do it (binds 127.0.0.1 by default)
 
+ServeConfig (config.py) holds every option and limit: the `serve` command's flags.
 Starlette is imported only when an app is made (it is the optional `serve` extra).
 """
 
@@ -17,37 +18,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..model import BaseModel
+from ..config import ServeConfig, from_kwargs
 from ..engine import Event, PromptEntry, Sequence
+from ..model import BaseModel
 from ..scheduler import QueueFull, Scheduler, ShuttingDown
 from .api import (ApiError, GenRequest, Limits, check_input_lengths, chunk_body, completion_body, error_body, new_id,
                   parse_chat, parse_completion, parse_json_body, request_inputs, sse, usage, usage_chunk)
-from .guard import Guard, check_exposure
+from .guard import Guard, check_exposure, read_api_key
 from .metrics import Metrics, prometheus_text
 from .registry import PromptRegistry
 
 log = logging.getLogger("softprompt.serve")
-
-
-@dataclass
-class ServeConfig:
-    host: str = "127.0.0.1"
-    port: int = 8000
-    api_key: str | None = None  # clients send `Authorization: Bearer KEY`; /health stays open
-    served_model_name: str | None = None  # the base's name in `model` (default: from --model)
-    max_running: int = 32  # sequences decoded together (the batch)
-    max_waiting: int = 256  # queued sequences; beyond this a request gets 429 at once
-    max_connections: int | None = None  # HTTP connections (uvicorn answers 503 beyond); default from the above
-    max_input_tokens: int = 2048
-    max_output_tokens: int = 512
-    max_prefill_tokens: int = 4096  # prompt tokens prefilled in one step (newcomers beyond wait a step)
-    request_timeout: float = 120.0  # seconds from arrival to the last token
-    max_body_bytes: int = 1 << 20
-    watch_interval: float = 2.0  # seconds between rescans of the prompts directory; 0: only at start / on admin reload
-    max_prompt_bytes: int = 64 << 20  # largest prompt tensor file read
-    max_virtual_tokens: int = 1024
-    max_n: int = 8
-    allow_no_api_key: bool = False  # run_server refuses a non-local --host without an API key unless this is set
 
 
 @dataclass
@@ -361,18 +342,19 @@ async def watch(state: ServerState):
 # ---- the app ------------------------------------------------------------------------------------------------------
 
 
-def create_app(base: BaseModel, prompts_dir: str | os.PathLike | None, config: ServeConfig | None = None, **overrides):
+def create_app(base: BaseModel, prompts_dir: str | os.PathLike | None = None, config: ServeConfig | dict | None = None,
+               **overrides):
     """The ASGI app. The scheduler thread starts on the first request (or at lifespan startup); the prompts
-    directory is scanned now, then every `watch_interval` seconds while the app's lifespan runs."""
+    directory (else `config.prompts`) is scanned now, then every `watch_interval` seconds while the app's lifespan
+    runs. `config`: a ServeConfig or a dict; `overrides`: its fields as keyword arguments (they win)."""
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
     from starlette.routing import Route
 
-    cfg = config or ServeConfig()
-    for k, v in overrides.items():
-        if not hasattr(cfg, k):
-            raise TypeError(f"unknown serve option {k!r}")
-        setattr(cfg, k, v)
+    cfg = from_kwargs(ServeConfig, config, **overrides)  # a new object: the caller's config is left as it was
+    if cfg.api_key_file:
+        cfg = from_kwargs(ServeConfig, cfg, api_key=read_api_key(cfg.api_key, cfg.api_key_file), api_key_file=None)
+    prompts_dir = prompts_dir if prompts_dir is not None else cfg.prompts
     registry = PromptRegistry(base, prompts_dir, max_prompt_bytes=cfg.max_prompt_bytes,
                               max_virtual_tokens=cfg.max_virtual_tokens)
     base.fingerprint()  # hashes the embedding table once, now, not inside the first reload
@@ -399,12 +381,22 @@ def create_app(base: BaseModel, prompts_dir: str | os.PathLike | None, config: S
     return Guard(app, cfg.api_key, state.metrics)
 
 
-def run_server(base: BaseModel, prompts_dir: str | os.PathLike | None, config: ServeConfig | None = None) -> None:
-    """Serve until SIGINT/SIGTERM; then stop accepting, let in-flight requests finish, and exit."""
+def run_server(base: BaseModel | None = None, prompts_dir: str | os.PathLike | None = None,
+               config: ServeConfig | dict | None = None, **overrides) -> None:
+    """Serve until SIGINT/SIGTERM; then stop accepting, let in-flight requests finish, and exit.
+
+    What `softprompt serve` runs: the API key from `api_key`, else `api_key_file`, else $SOFTPROMPT_API_KEY; the
+    exposure check (before the model loads); then `base` (else `model` is loaded) and `prompts_dir` (else
+    `prompts`). `overrides` are ServeConfig fields."""
     import uvicorn
 
-    cfg = config or ServeConfig()
-    check_exposure(cfg)
+    cfg = from_kwargs(ServeConfig, config, **overrides)
+    cfg = from_kwargs(ServeConfig, cfg, api_key=read_api_key(cfg.api_key, cfg.api_key_file), api_key_file=None)
+    check_exposure(cfg)  # before the model load, not 20 s later
+    if base is None:
+        from ..model import load_model
+
+        base = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
     app = create_app(base, prompts_dir, cfg)
     limit = cfg.max_connections or (cfg.max_running + cfg.max_waiting + 16)
     uv = uvicorn.Config(app, host=cfg.host, port=cfg.port, lifespan="on", limit_concurrency=limit,

@@ -10,6 +10,7 @@ import os
 import time
 from pathlib import Path
 
+from ..config import ServeConfig
 from ..errors import SoftPromptError
 from .api import error_body
 from .metrics import Metrics
@@ -68,9 +69,8 @@ def is_loopback(host: str) -> bool:
         return False  # a host name: it may resolve to anything
 
 
-def check_exposure(cfg) -> None:
-    """Refuse to serve beyond this machine without an API key, unless told the network is trusted. `cfg`: a
-    ServeConfig (its host, api_key and allow_no_api_key)."""
+def check_exposure(cfg: ServeConfig) -> None:
+    """Refuse to serve beyond this machine without an API key, unless told the network is trusted."""
     if is_loopback(cfg.host) or cfg.api_key:
         return
     if not cfg.allow_no_api_key:
