@@ -1,16 +1,20 @@
-"""Serving benchmark: `softprompt serve` (mixed-prompt continuous batching) vs a PEFT baseline, plus a load test.
+"""Serving benchmark: `softprompt serve` (mixed-prompt continuous batching on the decoding engine) against Hugging
+Face `generate` serving the same prompts one request at a time, side by side in one run, plus the machine's bound.
 
-    python bench/serve.py                      # the full run recorded in BENCHMARKS.md (~10 min on 2 CPU cores)
+    python bench/serve.py                      # the run recorded in BENCHMARKS.md (~8 min on 2 CPU cores)
+    python bench/serve.py --ref 2685d5a        # also a softprompt server from that git commit (before/after)
     python bench/serve.py --quick              # a smoke run (few requests)
 
-Both servers load the embedded SmolLM2-135M-Instruct and the same 8 soft prompts, and answer the same
-`POST /v1/completions` requests (greedy, max_tokens 32) from 1, 8 and 32 concurrent clients:
-  - softprompt: `softprompt serve` (one frozen model, every prompt batched together in one forward pass).
-  - peft: PEFT's PeftModel with the 8 prompt-tuning adapters loaded; per request `set_adapter` + PEFT's `generate`,
-    one request at a time (a lock), as one would serve adapters with PEFT alone.
-Every output text is compared across concurrency levels and backends (greedy: batched == alone == PEFT).
-Then a load test sends thousands of requests (a third malformed) to the softprompt server and reads its memory.
-Servers bind 127.0.0.1 only.
+Both servers load the embedded SmolLM2-135M-Instruct in the dtype `--dtype auto` measures for this machine and the
+same 8 soft prompts, and answer the same `POST /v1/completions` requests (greedy, max_tokens 32):
+  - softprompt: `softprompt serve` (one frozen model, every prompt batched together in one forward pass), at 1, 8
+    and 32 concurrent clients; time to first token at 1 client (streaming).
+  - hf: `model.generate(inputs_embeds=[prompt | input embeddings])` per request, one at a time (a lock): PEFT's
+    prompt-tuning computation, without PEFT (whose transformers-5 cache bug re-injects the prompt every step).
+The machine's bound for a batch of 32 decode steps: decode FLOPs / measured matmul rate at the model's own decode
+shapes, and weight bytes / measured memory bandwidth. In bf16, greedy agreement with fp32 is measured, not assumed.
+Every output text is compared across concurrency levels and backends. Then a load test sends thousands of requests
+(a third malformed) to the softprompt server and reads its memory. Servers bind 127.0.0.1 only.
 """
 
 from __future__ import annotations
@@ -46,16 +50,15 @@ MAX_TOKENS = 32
 
 
 def make_prompts(out: Path) -> None:
-    """8 prompts of 8..22 virtual tokens, initialised from different vocabulary samples; also as PEFT adapters."""
-    from softprompt import SoftPrompt, export_peft, load_model
+    """8 prompts of 8..22 virtual tokens, initialised from different vocabulary samples (input embeddings: what
+    `generate(inputs_embeds=...)` and vLLM take)."""
+    from softprompt import SoftPrompt, load_model
 
-    if (out / "prompts" / f"p{N_PROMPTS - 1}").exists() and (out / "peft" / f"p{N_PROMPTS - 1}").exists():
+    if (out / "prompts" / f"p{N_PROMPTS - 1}").exists():
         return
     base = load_model(None)
     for i in range(N_PROMPTS):
-        p = SoftPrompt.initialise(base, 8 + 2 * i, "vocab", seed=i)
-        p.save(out / "prompts" / f"p{i}")
-        export_peft(p, out / "peft" / f"p{i}")
+        SoftPrompt.initialise(base, 8 + 2 * i, "vocab", seed=i).save(out / "prompts" / f"p{i}")
 
 
 def free_port() -> int:
@@ -64,80 +67,146 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-# ---- the PEFT baseline server -------------------------------------------------------------------------------------
+# ---- the Hugging Face generate baseline server ------------------------------------------------------------------
 
 
-def peft_app(adapters: Path):
+def hf_app(prompts_dir: Path):
     import threading
 
     import torch
-    from peft import PeftModel
     from starlette.applications import Starlette
     from starlette.requests import Request
     from starlette.responses import JSONResponse
     from starlette.routing import Route
 
-    from softprompt import load_model
+    from softprompt import SoftPrompt, load_model
+    from softprompt.sampling import eos_ids
 
     base = load_model(None)
-    names = sorted(p.name for p in adapters.iterdir())
-    model = PeftModel.from_pretrained(base.model, str(adapters / names[0]), adapter_name=names[0])
-    for name in names[1:]:
-        model.load_adapter(str(adapters / name), adapter_name=name)
-    model.eval()
-    # PEFT 0.21 looks for `past_key_values` in the generation kwargs; transformers 5.2x renamed it `cache`, so PEFT
-    # would re-inject the prompt at every decode step (wrong tokens, more work). Restore PEFT's intended behaviour.
-    original = model.base_model_prepare_inputs_for_generation
-
-    def prepare(*args, **kwargs):
-        out = original(*args, **kwargs)
-        if "cache" in out and "past_key_values" not in out:
-            out["past_key_values"] = out.pop("cache")
-        return out
-
-    model.base_model_prepare_inputs_for_generation = prepare
-    tok = base.tokenizer
+    model, tok = base.model, base.tokenizer
+    prompts = {p.name: SoftPrompt.load(p, base).embeddings.detach().to(base.dtype) for p in sorted(prompts_dir.iterdir())}
     lock = threading.Lock()
-    eos = {tok.eos_token_id}
+    eos = eos_ids(tok, model)
 
-    def generate(adapter: str, text: str, max_tokens: int) -> tuple[str, int, int]:
-        ids = tok(text, return_tensors="pt")
+    def generate(name: str, text: str, max_tokens: int) -> tuple[str, int, int]:
+        ids = tok(text, return_tensors="pt")["input_ids"]
         with lock, torch.inference_mode():
-            model.set_adapter(adapter)
-            out = model.generate(**ids, max_new_tokens=max_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
-        new = out[0, ids["input_ids"].shape[1]:].tolist()
+            embeds = torch.cat([prompts[name][None], model.get_input_embeddings()(ids)], dim=1)
+            out = model.generate(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
+                                 max_new_tokens=max_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+        new = out[0].tolist()  # with inputs_embeds only, generate returns the new tokens
         new = new[: next((i for i, t in enumerate(new) if t in eos), len(new))]
-        return tok.decode(new, skip_special_tokens=True), ids["input_ids"].shape[1], len(new)
+        return tok.decode(new, skip_special_tokens=True), ids.shape[1], len(new)
 
     async def completions(request: Request):
         body = await request.json()
-        adapter = body["model"].rpartition(":")[2]
-        if adapter not in names:
-            return JSONResponse({"error": {"message": f"unknown adapter {adapter}"}}, status_code=404)
-        text, n_in, n_out = await asyncio.to_thread(generate, adapter, body["prompt"], int(body.get("max_tokens", 16)))
+        name = body["model"].rpartition(":")[2]
+        if name not in prompts:
+            return JSONResponse({"error": {"message": f"unknown prompt {name}"}}, status_code=404)
+        text, n_in, n_out = await asyncio.to_thread(generate, name, body["prompt"], int(body.get("max_tokens", 16)))
         return JSONResponse({"object": "text_completion", "model": body["model"],
                              "choices": [{"index": 0, "text": text, "finish_reason": None}],
                              "usage": {"prompt_tokens": n_in, "completion_tokens": n_out, "total_tokens": n_in + n_out}})
 
     async def health(request: Request):
-        return JSONResponse({"status": "ok"})
+        return JSONResponse({"status": "ok", "dtype": str(base.dtype)})
 
     return Starlette(routes=[Route("/v1/completions", completions, methods=["POST"]), Route("/health", health)])
+
+
+# ---- the machine's bound and bf16 agreement (run in child processes, never beside a server) -----------------------
+
+
+def machine_bound(batch: int = 32) -> dict:
+    """Tokens/s a batch of `batch` decode steps cannot beat on this machine: the larger of (FLOPs / matmul rate at
+    the model's own decode shapes) and (weight bytes / memory bandwidth), per step."""
+    import torch
+
+    from softprompt import load_model
+
+    base = load_model(None)
+    linears = [m for m in base.model.modules() if isinstance(m, torch.nn.Linear)]
+    flops = sum(2 * batch * m.in_features * m.out_features for m in linears)  # one decode step; attention is small
+    weight_bytes = sum(m.weight.numel() * m.weight.element_size() for m in linears)
+    # Matmul rate: every distinct decode GEMM of the model at M=batch, weights as loaded (their own dtype and layout).
+    shapes = {}
+    for m in linears:
+        shapes.setdefault(tuple(m.weight.shape), m.weight)
+    x = {k: torch.randn(batch, k[1], dtype=base.dtype) for k in shapes}
+    with torch.inference_mode():
+        for _ in range(3):
+            for k, w in shapes.items():
+                torch.nn.functional.linear(x[k], w)
+        best = float("inf")
+        for _ in range(5):
+            t = time.perf_counter()
+            for k, w in shapes.items():
+                torch.nn.functional.linear(x[k], w)
+            best = min(best, time.perf_counter() - t)
+    rate = sum(2 * batch * k[0] * k[1] for k in shapes) / best
+    # Memory bandwidth: reading a buffer far larger than the caches (a reduction: read only).
+    big = torch.ones(64 * 2**20, dtype=torch.float32)  # 256 MiB
+    big.sum()
+    bw = max(big.numel() * 4 / _timed(big.sum) for _ in range(3))
+    t_flops, t_bytes = flops / rate, weight_bytes / bw
+    return {"dtype": str(base.dtype).replace("torch.", ""), "batch": batch, "decode_gflop_per_step": flops / 1e9,
+            "weight_mb": weight_bytes / 2**20, "matmul_gflops": rate / 1e9, "memory_gb_s": bw / 1e9,
+            "compute_bound_tok_s": batch / t_flops, "bandwidth_bound_tok_s": batch / t_bytes,
+            "bound_tok_s": batch / max(t_flops, t_bytes)}
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def greedy_agreement(prompts_dir: Path, n: int) -> dict:
+    """The same greedy requests through the engine in the auto dtype and in float32: how often they agree."""
+    from softprompt import SoftPrompt, load_model
+    from softprompt.engine import Engine, PromptEntry, Sequence
+    from softprompt.sampling import SamplingParams
+
+    prompts_dir, runs = Path(prompts_dir), {}
+    for dtype in ("auto", "float32"):
+        base = load_model(None, dtype=dtype)
+        entries = {p.name: PromptEntry(p.name, SoftPrompt.load(p, base).embeddings.to(base.dtype))
+                   for p in sorted(prompts_dir.iterdir())}
+        seqs = []
+        for i in range(n):
+            name, text = request_for(i)
+            seqs.append(Sequence(base.tokenizer(text).input_ids, SamplingParams(max_tokens=MAX_TOKENS, temperature=0),
+                                 entries[name]))
+        Engine(base).run(seqs)
+        runs[str(base.dtype).replace("torch.", "")] = [s.generated for s in seqs]
+    (a, x), (b, y) = runs.items()
+    same_prefix = [next((k for k, (u, v) in enumerate(zip(p, q)) if u != v), min(len(p), len(q))) / max(len(p), len(q), 1)
+                   for p, q in zip(x, y)]
+    return {"dtypes": [a, b], "requests": n, "identical": sum(p == q for p, q in zip(x, y)),
+            "mean_agreeing_prefix": statistics.mean(same_prefix)}
 
 
 # ---- servers as subprocesses --------------------------------------------------------------------------------------
 
 
 class ServerProcess:
+    """`softprompt` (this checkout), `softprompt@REF` (a git worktree of REF, for before/after) or `hf`."""
+
     def __init__(self, backend: str, out: Path, port: int):
         self.url = f"http://127.0.0.1:{port}"
         env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "PYTHONWARNINGS": "ignore"}
-        if backend == "softprompt":
+        if backend.startswith("softprompt"):
+            if "@" in backend:
+                tree = out / f"ref-{backend.split('@')[1]}"
+                if not tree.exists():
+                    subprocess.run(["git", "worktree", "add", "--detach", str(tree), backend.split("@")[1]], check=True,
+                                   stdout=subprocess.DEVNULL)
+                env["PYTHONPATH"] = str(tree / "src")
             cmd = [sys.executable, "-m", "softprompt", "serve", "--prompts", str(out / "prompts"), "--port", str(port),
                    "--watch-interval", "0", "--max-waiting", "1024", "--max-output-tokens", "64"]
         else:
-            cmd = [sys.executable, __file__, "--peft-server", str(out / "peft"), "--port", str(port)]
-        self.log = open(out / f"server-{backend}.log", "w")
+            cmd = [sys.executable, __file__, "--hf-server", str(out / "prompts"), "--port", str(port)]
+        self.log = open(out / f"server-{backend.replace('@', '-')}.log", "w")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
 
     def wait_ready(self, timeout: float = 300) -> None:
@@ -204,6 +273,26 @@ async def run_level(url: str, model_name: str, concurrency: int, n_requests: int
             "outputs": outputs}
 
 
+async def time_to_first_token(url: str, model_name: str, n: int) -> dict:
+    """One client, streaming: seconds from sending a request to its first text chunk."""
+    import httpx
+
+    out = []
+    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+        for i in range(n):
+            prompt, text = request_for(i)
+            t = time.perf_counter()
+            async with client.stream("POST", "/v1/completions", json={
+                    "model": f"{model_name}:{prompt}", "prompt": text, "max_tokens": 4, "temperature": 0,
+                    "stream": True}) as r:
+                first = None
+                async for line in r.aiter_lines():
+                    if first is None and line.startswith("data: ") and '"text"' in line:
+                        first = time.perf_counter() - t
+            out.append(first)
+    return {"requests": n, "p50_s": statistics.median(out), "min_s": min(out), "max_s": max(out)}
+
+
 async def load_test(url: str, model_name: str, n_requests: int, concurrency: int, malformed_every: int) -> dict:
     """Thousands of requests, every `malformed_every`-th one malformed: good ones must all succeed."""
     import httpx
@@ -258,39 +347,60 @@ async def load_test(url: str, model_name: str, n_requests: int, concurrency: int
 # ---- main ------------------------------------------------------------------------------------------------------------
 
 
+def in_child(fn: str, *args) -> dict:
+    """Run one of this file's measurement functions in a fresh process (nothing else on the cores)."""
+    code = f"import json, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import serve as b; " \
+           f"print('RESULT ' + json.dumps(b.{fn}(*{args!r})))"
+    env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "PYTHONWARNINGS": "ignore"}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    line = next((x for x in run.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if line is None:
+        raise RuntimeError(f"{fn} failed:\n{run.stderr[-2000:]}")
+    return json.loads(line[7:])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/bench-serve")
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--backends", default="softprompt,peft")
+    ap.add_argument("--backends", default="softprompt,hf")
+    ap.add_argument("--ref", help="also serve with softprompt from this git commit (before/after, same run)")
     ap.add_argument("--load-requests", type=int, default=2000)
-    ap.add_argument("--peft-server", help=argparse.SUPPRESS)
+    ap.add_argument("--hf-server", help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.peft_server:  # the baseline server process
+    if args.hf_server:  # the baseline server process
         import uvicorn
 
-        uvicorn.run(peft_app(Path(args.peft_server)), host="127.0.0.1", port=args.port, log_level="warning")
+        uvicorn.run(hf_app(Path(args.hf_server)), host="127.0.0.1", port=args.port, log_level="warning")
         return
-    out = Path(args.out)
+    out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    levels = [(1, 2), (8, 8), (32, 32)] if args.quick else [(1, 8), (8, 32), (32, 64)]
+    backends = args.backends.split(",") + ([f"softprompt@{args.ref}"] if args.ref else [])
+    # (clients, requests) per backend: one request at a time gains nothing from more clients.
+    levels = {"hf": [(1, 4)] if args.quick else [(1, 16)]}
+    sp_levels = [(1, 2), (8, 8), (32, 32)] if args.quick else [(1, 8), (8, 32), (32, 96)]
     t0 = time.time()
     make_prompts(out)
     print(f"prompts ready ({time.time() - t0:.0f}s); load average {os.getloadavg()}", flush=True)
-    results: dict = {"levels": {}, "max_tokens": MAX_TOKENS, "load_before": os.getloadavg()}
-    for backend in args.backends.split(","):
+    results: dict = {"levels": {}, "ttft": {}, "max_tokens": MAX_TOKENS, "load_before": os.getloadavg()}
+    results["bound"] = in_child("machine_bound", 32)
+    print("machine bound:", json.dumps(results["bound"]), flush=True)
+    for backend in backends:
         server = ServerProcess(backend, out, free_port())
         try:
             server.wait_ready()
             model_name = "SmolLM2-135M-Instruct"
             asyncio.run(run_level(server.url, model_name, 4, 8))  # warm-up, not measured
             results["levels"][backend] = []
-            for concurrency, n in levels:
+            for concurrency, n in levels.get(backend, sp_levels):
                 r = asyncio.run(run_level(server.url, model_name, concurrency, n))
                 results["levels"][backend].append(r)
                 print(f"{backend:10s} c={concurrency:2d} n={n:3d} {r['tokens_per_s']:7.1f} tok/s {r['requests_per_s']:6.2f} "
                       f"req/s p50 {r['p50_s']:6.2f}s p99 {r['p99_s']:6.2f}s errors {r['errors']}", flush=True)
+            if backend.startswith("softprompt"):
+                results["ttft"][backend] = asyncio.run(time_to_first_token(server.url, model_name, 4 if args.quick else 16))
+                print(f"{backend:10s} time to first token, 1 client: {json.dumps(results['ttft'][backend])}", flush=True)
             if backend == "softprompt":
                 import httpx
 
@@ -302,7 +412,10 @@ def main() -> None:
                 print("load test:", json.dumps(results["load_test"]), flush=True)
         finally:
             server.stop()
-    # greedy parity: the same (prompt, text) must give the same text at every concurrency and in both backends
+    if results["bound"]["dtype"] != "float32":
+        results["greedy_agreement"] = in_child("greedy_agreement", str(out / "prompts"), 16 if args.quick else 96)
+        print("greedy agreement:", json.dumps(results["greedy_agreement"]), flush=True)
+    # greedy parity: the same (prompt, text) must give the same text at every concurrency and in every backend
     seen: dict[str, set] = {}
     for backend, rows in results["levels"].items():
         for r in rows:
@@ -310,9 +423,10 @@ def main() -> None:
                 seen.setdefault(key, set()).add(text)
     results["parity"] = {"pairs": len(seen), "pairs_with_one_output": sum(len(v) == 1 for v in seen.values())}
     lv = results["levels"]
-    if "peft" in lv and "softprompt" in lv:
-        results["speedup_tokens_per_s"] = {r["concurrency"]: r["tokens_per_s"] / b["tokens_per_s"]
-                                           for r, b in zip(lv["softprompt"], lv["peft"])}
+    if "hf" in lv and "softprompt" in lv:
+        hf = lv["hf"][0]["tokens_per_s"]
+        results["speedup_vs_hf"] = {r["concurrency"]: r["tokens_per_s"] / hf for r in lv["softprompt"]}
+        results["share_of_bound"] = lv["softprompt"][-1]["tokens_per_s"] / results["bound"]["bound_tok_s"]
     results["load_after"] = os.getloadavg()
     results["wall_s"] = time.time() - t0
     (out / "results.json").write_text(json.dumps(results, indent=2))

@@ -36,10 +36,18 @@ def test_continuous_batching_equals_the_naive_oracle_row_by_row(tiny_base):
     deep = torch.randn(3, *tiny_base.kv_shape) * 0.2
     entries = [PromptEntry("shallow", shallow), PromptEntry("deep", deep), None]
     rows = _rows(tiny_base) * 3  # 15 sequences through 4 slots: rows join while others are mid-way
-    lengths = [3, 9, 6, 1, 12]
+    lengths = [3, 9, 6, 1, 12]  # the 1-token rows finish at their prefill, some at the end of the batch
     seqs = [Sequence(r, SamplingParams(max_tokens=lengths[i % 5], temperature=0.0), entries[i % 3])
             for i, r in enumerate(rows)]
     engine = Engine(tiny_base)
+    decode = engine.decode
+
+    def checked_decode():  # the batch never holds a finished row, and its tensors always match its rows
+        assert all(not s.finished for s in engine.rows)
+        assert engine.batch.mask.shape == (len(engine.rows), engine.batch.width) == (len(engine.batch.next_pos), engine.batch.width)
+        decode()
+
+    engine.decode = checked_decode
     engine.run(seqs, max_rows=4)
     assert engine.stats["max_batch_rows"] == 4 and engine.stats["prefills"] > 3  # really joined in flight
     assert not engine.rows  # everything retired

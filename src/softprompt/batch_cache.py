@@ -75,13 +75,15 @@ class DecodeBatch:
             self.__init__()
             return
         n = len(indices)
-        if indices != list(range(n)):
+        if indices != list(range(n)):  # move the kept rows to the front (when only the last rows go, nothing moves)
             idx = torch.tensor(indices, device=self.mask.device)
             for store in (self.keys, self.values):
                 for buf in store:
                     buf[:n, :, :self.width] = buf[:, :, :self.width].index_select(0, idx)
             self.mask, self.next_pos = self.mask.index_select(0, idx), self.next_pos.index_select(0, idx)
-            self.rows = [self.rows[i] for i in indices]
+        else:
+            self.mask, self.next_pos = self.mask[:n], self.next_pos[:n]
+        self.rows = [self.rows[i] for i in indices]
         first = int(self.mask.any(0).long().argmax())
         if first > TRIM_AT * self.width:
             w = self.width - first
