@@ -75,8 +75,10 @@ class Sequence:
     that drives the engine)."""
 
     def __init__(self, input_ids: list[int], params: SamplingParams, prompt: PromptEntry | None = None,
-                 sink: Callable[[Event], None] | None = None, *, index: int = 0, deadline: float | None = None):
+                 sink: Callable[[Event], None] | None = None, *, index: int = 0, deadline: float | None = None,
+                 stream: bool = True):
         self.input_ids = list(input_ids)
+        self.stream = stream  # report text as it grows; False: one delta with the whole text at the end
         self.params = params
         self.prompt = prompt
         self.sink = sink
@@ -273,8 +275,10 @@ class Engine:
         s.pending = token
         self.stats["generated_tokens"] += 1
         stops = s.params.stop
-        if s.sink is None and not stops:  # nobody reads text as it grows: decode once at the end
+        if (s.sink is None or not s.stream) and not stops:  # nobody reads text as it grows: decode once at the end
             if len(s.generated) >= s.params.max_tokens:
+                if s.sink is not None:
+                    self._emit(s, self.base.tokenizer.decode(s.generated, skip_special_tokens=True))
                 self._finish(s, "length")
             return
         text = self.base.tokenizer.decode(s.generated, skip_special_tokens=True)

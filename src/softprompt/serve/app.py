@@ -13,6 +13,8 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +22,7 @@ from typing import Any
 
 from ..config import ServeConfig, from_kwargs
 from ..engine import Event, PromptEntry, Sequence
+from ..errors import SoftPromptError
 from ..model import BaseModel
 from ..scheduler import QueueFull, Scheduler, ShuttingDown
 from .api import (ApiError, GenRequest, Limits, check_input_lengths, chunk_body, completion_body, error_body, new_id,
@@ -125,7 +128,7 @@ async def generate(request, kind: str):
             params = req.params
             if params.seed is not None and req.n > 1:
                 params = type(params)(**{**params.__dict__, "seed": (params.seed + j) % 2**63})
-            seqs.append(Sequence(ids, params, entry, sink, index=p * req.n + j, deadline=deadline))
+            seqs.append(Sequence(ids, params, entry, sink, index=p * req.n + j, deadline=deadline, stream=req.stream))
     if state.shutting_down:
         raise ApiError(503, "the server is shutting down", code="shutting_down")
     try:
@@ -360,7 +363,7 @@ def create_app(base: BaseModel, prompts_dir: str | os.PathLike | None = None, co
     base.fingerprint()  # hashes the embedding table once, now, not inside the first reload
     registry.scan()
     scheduler = Scheduler(base, max_running=cfg.max_running, max_waiting=cfg.max_waiting,
-                          max_prefill_tokens=cfg.max_prefill_tokens)
+                          max_prefill_tokens=cfg.max_prefill_tokens, prefill_wait_steps=cfg.prefill_wait_steps)
     limits = Limits(max_input_tokens=cfg.max_input_tokens, max_output_tokens=cfg.max_output_tokens, max_n=cfg.max_n)
     state = ServerState(base, registry, scheduler, cfg, cfg.served_model_name or default_model_name(base), limits)
     routes = [
@@ -401,4 +404,24 @@ def run_server(base: BaseModel | None = None, prompts_dir: str | os.PathLike | N
     limit = cfg.max_connections or (cfg.max_running + cfg.max_waiting + 16)
     uv = uvicorn.Config(app, host=cfg.host, port=cfg.port, lifespan="on", limit_concurrency=limit,
                         timeout_graceful_shutdown=int(cfg.request_timeout) + 5, log_level="info", access_log=False)
-    uvicorn.Server(uv).run()
+    server = uvicorn.Server(uv)
+    # The model runs on this (main) thread, HTTP on another (see Scheduler.run_forever); signals reach the main
+    # thread only, so they are passed on to uvicorn, whose graceful shutdown then drains the scheduler.
+    failed: list[BaseException] = []
+
+    def serve_http() -> None:
+        try:
+            server.run()
+        except BaseException as e:  # uvicorn exits (SystemExit) when it cannot bind
+            failed.append(e)
+
+    http = threading.Thread(target=serve_http, name="softprompt-http", daemon=True)
+    previous = {sig: signal.signal(sig, server.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        app.state.server.scheduler.run_forever(alive=http.is_alive, before=http.start)
+        http.join()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if failed:
+        raise SoftPromptError(f"the HTTP server did not start on {cfg.host}:{cfg.port} (see the message above)")
