@@ -9,7 +9,7 @@ Both servers load the embedded SmolLM2-135M-Instruct in the dtype `--dtype auto`
 same 8 soft prompts, and answer the same `POST /v1/completions` requests (greedy, max_tokens 32):
   - softprompt: `softprompt serve` (one frozen model, every prompt batched together in one forward pass), at 1, 8
     and 32 concurrent clients; time to first token at 1 client (streaming).
-  - hf: `model.generate(inputs_embeds=[prompt | input embeddings])` per request, one at a time (a lock): PEFT's
+  - hf: `model.generate(inputs_embeds=[prompt | input embeddings])` per request, one at a time (on the event loop): PEFT's
     prompt-tuning computation, without PEFT (whose transformers-5 cache bug re-injects the prompt every step).
 The machine's bound for a batch of 32 decode steps: decode FLOPs / measured matmul rate at the model's own decode
 shapes, and weight bytes / measured memory bandwidth. In bf16, greedy agreement with fp32 is measured, not assumed.
@@ -180,8 +180,8 @@ def greedy_agreement(prompts_dir: Path, n: int) -> dict:
         Engine(base).run(seqs)
         runs[str(base.dtype).replace("torch.", "")] = [s.generated for s in seqs]
     (a, x), (b, y) = runs.items()
-    same_prefix = [next((k for k, (u, v) in enumerate(zip(p, q)) if u != v), min(len(p), len(q))) / max(len(p), len(q), 1)
-                   for p, q in zip(x, y)]
+    same_prefix = [1.0 if p == q else next((k for k, (u, v) in enumerate(zip(p, q)) if u != v), min(len(p), len(q)))
+                   / max(len(p), len(q)) for p, q in zip(x, y)]
     return {"dtypes": [a, b], "requests": n, "identical": sum(p == q for p, q in zip(x, y)),
             "mean_agreeing_prefix": statistics.mean(same_prefix)}
 
