@@ -4,9 +4,14 @@
     python bench/speed.py --tiny                  # the tiny offline Llama: a smoke test (~30 s)
     python bench/speed.py --configs softprompt,softprompt-plain --datasets sst2 --steps 12
 
-Every configuration trains in its own thread through its real loop (`softprompt.train` with its `on_step` hook,
-HF `Trainer` with a callback), and a gate lets exactly one configuration run one optimizer step at a time, in
-rounds: A B C D, A B C D, ... So every configuration sees the same machine load (this machine is shared and
+Every configuration trains in its own process, on that process's main thread, through its real loop
+(`softprompt.train` with its `on_step` hook, HF `Trainer` with a callback), and a gate lets exactly one
+configuration run one optimizer step at a time, in rounds: A B C D, A B C D, ... (Processes, not threads: each
+thread running torch gets an OpenMP team of its own, and with more OpenMP threads than cores libgomp stops spinning
+between parallel regions; configurations trained in threads ran 20-30 % slower, bf16 ones most. And a process
+per configuration needs no single malloc arena to keep memory figures apart: the earlier thread version set
+M_ARENA_MAX=1 for that, which made every bf16 step 2x slower, allocator lock contention between torch's threads:
+1.29 against 0.62 s a step in the same training loop.) So every configuration sees the same machine load (this machine is shared and
 noisy), and the report is about ratios. Per configuration it reports, over the timed steps (after warmup):
 
 - real tokens/s and examples/s (padding and virtual tokens not counted),
@@ -45,6 +50,7 @@ import os
 import platform
 import queue
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -175,16 +181,6 @@ class MemoryProbe:
         return _proc_status("VmHWM") - before
 
 
-def single_malloc_arena() -> None:
-    """One glibc malloc arena for all threads (mallopt M_ARENA_MAX=1), set before any thread starts. Each
-    configuration trains in its own thread; with per-thread arenas every thread would keep its own freed
-    step memory resident (the process would hold the SUM of the configurations' peaks, not the largest)."""
-    global _libc
-    with contextlib.suppress(OSError, AttributeError):
-        _libc = _libc or ctypes.CDLL("libc.so.6")
-        _libc.mallopt(-8, 1)  # M_ARENA_MAX
-
-
 def total_memory(device: torch.device) -> int:
     return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _proc_status("VmHWM")
 
@@ -258,6 +254,92 @@ class Stepper:
         self._stop = True
         self._go.release()
         self.thread.join(timeout=120)
+
+
+PROTOCOL = "@@speed@@ "  # prefix of the lines a configuration's process sends back (anything else is its log)
+
+
+class ProcessStepper:
+    """A configuration in a process of its own (this script with --child): same interface as Stepper. The child
+    times its own steps (and memory) and answers one JSON line per step."""
+
+    def __init__(self, name: str, dataset: str, argv: list[str], out: Path):
+        self.name, self.dataset, self.argv, self.out = name, dataset, argv, out
+        self.weights_bytes = 0
+
+    def start(self) -> None:
+        self.log = open(self.out / f"child-{self.name}-{self.dataset}.log", "w")
+        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *self.argv, "--child", self.name,
+                                      "--child-dataset", self.dataset], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self.log, text=True)
+        self.weights_bytes = self._read()["weights_bytes"]  # setup + first step, untimed
+
+    def _read(self) -> dict:
+        for line in self.proc.stdout:
+            if line.startswith(PROTOCOL):
+                reply = json.loads(line[len(PROTOCOL):])
+                if reply.get("ended"):
+                    break
+                return reply
+        self.log.flush()
+        raise RuntimeError(f"{self.name}: training stopped early; see {self.log.name}")
+
+    def step(self, probe) -> dict:
+        self.proc.stdin.write("mem\n" if isinstance(probe, MemoryProbe) else "time\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def finish(self) -> None:
+        with contextlib.suppress(BrokenPipeError):
+            self.proc.stdin.write("stop\n")
+            self.proc.stdin.flush()
+        try:
+            self.proc.wait(120)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+def child_main(args) -> None:
+    """One configuration on this process's main thread: after each step, report it, then wait for the next order."""
+    from transformers import AutoTokenizer
+
+    from softprompt.model import pick_device
+
+    device = pick_device(args.device)
+    folder = model_folder(args)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        (work,) = load_workloads([args.child_dataset], tokenizer, args, tmp)
+        (stepper,) = build_steppers([args.child], folder, work, args, tmp, device, {})
+        probe, no_probe, state = MemoryProbe(device), NoProbe(), {}
+
+        def gate() -> None:
+            sync(device)
+            t1 = time.perf_counter()
+            if "t0" in state:
+                reply = {"seconds": t1 - state["t0"], "peak_bytes": state["probe"].after(state["mem0"]),
+                         **{k: stepper.counts[k] - state["counts"][k] for k in stepper.counts}}
+            else:
+                reply = {"weights_bytes": stepper.weights_bytes}
+            print(PROTOCOL + json.dumps(reply), flush=True)
+            order = sys.stdin.readline().strip()
+            if order not in ("time", "mem"):
+                raise StopBench
+            state["probe"] = probe if order == "mem" else no_probe
+            state["counts"] = dict(stepper.counts)
+            stepper.activate()
+            state["mem0"] = state["probe"].before()
+            state["t0"] = time.perf_counter()
+
+        stepper.gate = gate  # the Trainer callback calls stepper.gate()
+        stepper.activate()
+        try:
+            stepper.run(gate)
+            print(PROTOCOL + json.dumps({"ended": True}), flush=True)
+        except StopBench:
+            pass
 
 
 def count_inputs(counts: dict, attention_mask: torch.Tensor, labels: torch.Tensor | None) -> None:
@@ -588,17 +670,20 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--cache-dir", default=os.environ.get("SOFTPROMPT_BENCH_CACHE", "~/.cache/softprompt-bench"))
     ap.add_argument("--out", default=os.environ.get("OUT", "runs/speed"))
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--child-dataset", help=argparse.SUPPRESS)
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = ap.parse_args(argv)
     if args.tiny:
         args.rows, args.steps, args.warmup, args.max_length = 256, min(args.steps, 3), 1, 64
     args.warmup = max(1, args.warmup)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.child:
+        return child_main(args)
     from softprompt.model import pick_device
 
     device = pick_device(args.device)
-    if device.type == "cpu":
-        single_malloc_arena()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -613,13 +698,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
-    bases: dict = {}
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         for work in load_workloads([d.strip() for d in args.datasets.split(",") if d.strip()], tokenizer, args, tmp):
             print(f"{work.name}: {len(work.encoded)} rows, mean length "
                   f"{statistics.mean(len(e.input_ids) for e in work.encoded):.1f} tokens", flush=True)
-            steppers = build_steppers(configs, folder, work, args, tmp, device, bases)
+            steppers = [ProcessStepper(name, work.name, argv, out) for name in configs]
             n_params, hidden, vocab = non_embedding_params(meta_model(folder))
             samples = measure(steppers, args, device)
             for s in steppers:

@@ -27,8 +27,8 @@ def cache_dir(tmp_path, monkeypatch):
 def fake_probe(monkeypatch, seconds: dict[str, float]):
     calls = []
 
-    def probe(dtypes, hidden, ffn, device):
-        calls.append((hidden, ffn))
+    def probe(dtypes, hidden, ffn, device, config=None, purpose="inference"):
+        calls.append((hidden, ffn, purpose))
         return {precision.NAMES[d]: seconds[precision.NAMES[d]] for d in dtypes}
 
     monkeypatch.setattr(precision, "probe_seconds", probe)
@@ -61,9 +61,24 @@ def test_a_broken_cache_file_only_means_measuring_again(cache_dir, monkeypatch):
     assert json.loads((cache_dir / "dtype-probe.json").read_text())  # rewritten whole
 
 
-def test_the_real_probe_runs_fast_and_returns_a_time_per_dtype():
+def test_the_real_probe_runs_fast_and_returns_a_time_per_dtype(tiny_base):
     times = precision.probe_seconds([torch.float32, torch.bfloat16], 64, 128, torch.device("cpu"))
     assert set(times) == {"float32", "bfloat16"} and all(0 < t < 1 for t in times.values())
+    # one decoder layer of the model's own architecture, forward + backward (train) or forward (inference)
+    assert precision.layer_calls([torch.float32], tiny_base.config, torch.device("cpu"), "train") is not None
+    for purpose in precision.PURPOSES:
+        times = precision.probe_seconds([torch.float32, torch.bfloat16], 64, 128, torch.device("cpu"),
+                                        config=tiny_base.config, purpose=purpose)
+        assert set(times) == {"float32", "bfloat16"} and all(0 < t < 1 for t in times.values())
+
+
+def test_training_and_inference_are_measured_apart(cache_dir, monkeypatch, tiny_base):
+    calls = fake_probe(monkeypatch, {"float32": 2.0, "bfloat16": 1.0})
+    cpu = torch.device("cpu")
+    assert precision.choose_dtype(cpu, 64, 256, config=tiny_base.config, purpose="train").dtype == "bfloat16"
+    assert precision.choose_dtype(cpu, 64, 256, config=tiny_base.config, purpose="inference").cached is False
+    assert precision.choose_dtype(cpu, 64, 256, config=tiny_base.config, purpose="train").cached
+    assert [c[2] for c in calls] == ["train", "inference"]
 
 
 def test_train_records_the_chosen_dtype(tiny_model_dir, sentiment_files, tmp_path, cache_dir, monkeypatch):

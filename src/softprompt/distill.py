@@ -452,7 +452,8 @@ def distill(config: DistillConfig | dict | None = None, /, *, base: BaseModel | 
     else:
         held = []
 
-    base = base or load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code)
+    base = base or load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code,
+                              purpose="train")
     prefix = teacher_prefix_ids(base, cfg, teacher)
     splits = {"train": encode_split(base, cfg, teacher, rows, cfg.data)}
     if held:

@@ -115,7 +115,7 @@ def train(config: TrainConfig | dict | None = None, /, *, base: BaseModel | None
         raise SoftPromptError(f"batch_size {cfg.batch_size} is smaller than processes x grad_accum "
                               f"({world.size} x {cfg.grad_accum}); batch_size is the global batch")
     base = base or load_model(cfg.model, dtype=cfg.dtype, device=device, trust_remote_code=cfg.trust_remote_code,
-                              quantize=cfg.quantize)
+                              quantize=cfg.quantize, purpose="train")
     cfg = replace(cfg, chat=resolve_chat(cfg, base), deep=resolve_deep(cfg, base))
     if cfg.lr is None:
         cfg = replace(cfg, lr=DEFAULT_LR[cfg.deep, bool(cfg.reparam)])

@@ -64,12 +64,14 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
           "float16": torch.float16, "fp16": torch.float16}
 
 
-def pick_dtype(dtype: str, device: torch.device, config: Any = None) -> tuple[torch.dtype, DtypeChoice]:
-    """The base's dtype. "auto" measures this machine on the model's own layer shapes (see precision.py): never
-    a fixed rule, since CPUs of one kind differ by 4x either way between fp32 and bf16."""
+def pick_dtype(dtype: str, device: torch.device, config: Any = None,
+               purpose: str = "inference") -> tuple[torch.dtype, DtypeChoice]:
+    """The base's dtype. "auto" measures this machine on one layer of the model's own architecture doing what
+    `purpose` needs ("train": forward + backward; "inference": forward; see precision.py): never a fixed rule,
+    since CPUs of one kind differ by 4x either way between fp32 and bf16."""
     if dtype == "auto":
         hidden, ffn = mlp_shape(config)
-        choice = choose_dtype(device, hidden, ffn)
+        choice = choose_dtype(device, hidden, ffn, config=config, purpose=purpose)
         return DTYPES[choice.dtype], choice
     if dtype not in DTYPES:
         raise SoftPromptError(f"unknown dtype {dtype!r}; choose auto, float32, bfloat16 or float16")
@@ -93,9 +95,11 @@ def load_model(
     device: str = "auto",
     trust_remote_code: bool = False,
     quantize: str | None = None,
+    purpose: str = "inference",
 ) -> BaseModel:
     """Load a frozen base: a hub id, a local folder, a .gguf file, or None for the embedded SmolLM2-135M.
 
+    `purpose` ("train" or "inference") is what `dtype="auto"` measures the candidate dtypes on.
     `quantize="8bit"|"4bit"` stores the frozen weights quantised with bitsandbytes on CUDA (the QLoRA idea
     applied to prompt tuning: the prompt and activations stay in bf16/fp32).
     """
@@ -114,7 +118,7 @@ def load_model(
     hf_logging.disable_progress_bar()
     try:
         config = AutoConfig.from_pretrained(name_or_path, **kwargs)
-        torch_dtype, choice = pick_dtype(dtype, dev, config)
+        torch_dtype, choice = pick_dtype(dtype, dev, config, purpose)
         if quantize:
             kwargs["quantization_config"] = _bnb_config(quantize, dev, torch_dtype)
         auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
