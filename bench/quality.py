@@ -432,14 +432,15 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def hardware() -> str:
+def hardware(base=None) -> str:
     cpu = platform.processor() or platform.machine()
     try:
         cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
     dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"{os.cpu_count()} x {cpu}"
-    return f"{dev}, torch {torch.__version__} ({torch.get_num_threads()} threads), fp32"
+    dtype = str(base.dtype).removeprefix("torch.") if base is not None else "?"
+    return f"{dev}, torch {torch.__version__} ({torch.get_num_threads()} threads); the frozen base (both systems share it) in {dtype} (--dtype auto)"
 
 
 def _steps_arg(text: str) -> dict[str, int]:
@@ -483,7 +484,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     base = softprompt.load_model(args.model)
     results: dict[str, Any] = {"command": "python bench/quality.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
-                               "hardware": hardware(), "mode": "smoke" if args.smoke else "quick" if args.quick else "full",
+                               "hardware": hardware(base), "mode": "smoke" if args.smoke else "quick" if args.quick else "full",
                                "model": base.source, "tasks": []}
     out.mkdir(parents=True, exist_ok=True)
     for task in TASKS:
