@@ -155,10 +155,6 @@ def test_deep_prompt_errors(tiny_base, tmp_path):
     wrong = SoftPrompt(deep.embeddings[:, :2], deep.meta)  # as if from a model with one layer
     with pytest.raises(SoftPromptError, match="does not fit model"):
         tiny_base.check_compatible(wrong)
-    from softprompt.probe import inspect_prompt
-
-    with pytest.raises(SoftPromptError, match="deep prompt"):
-        inspect_prompt(deep, base=tiny_base)
     with pytest.raises(SoftPromptError, match="only start another deep prompt"):
         SoftPrompt.initialise(tiny_base, 2, "prompt", init_prompt=deep)
 
@@ -190,3 +186,29 @@ def test_malformed_peft_prefix_adapter_is_a_clear_error(tmp_path):
     save_file({"prompt_embeddings": torch.zeros(2, 50)}, str(tmp_path / "bad" / "adapter_model.safetensors"))
     with pytest.raises(SoftPromptError, match="does not match num_layers 2"):
         SoftPrompt.load(tmp_path / "bad")
+
+
+def test_inspect_reads_a_deep_prompt(tiny_base, tmp_path):
+    """A deep prompt (the default kind for rows with an input) has no vocabulary neighbours, but its norms, drift
+    and comparisons are reported: its keys/values against those real text leaves, layer by layer."""
+    from softprompt.probe import REPORT_KEYS, format_report, inspect_prompt, write_png
+
+    fresh = SoftPrompt.initialise(tiny_base, 3, "vocab", seed=4, deep=True)
+    fresh.meta["init"] = {"strategy": "vocab", "seed": 4}
+    report = inspect_prompt(fresh, base=tiny_base)
+    assert tuple(report) == REPORT_KEYS and report["norms"]["kind"] == "keys/values"
+    assert report["drift"]["reproducible"] and report["drift"]["mean_l2"] == 0  # the init, rebuilt exactly
+    layers = tiny_base.kv_layout[0]
+    assert len(report["norms"]["per_layer"]) == layers and len(report["norms"]["per_token_layer_rms"][0]) == layers
+    # the init IS keys/values of real tokens: its norms sit inside the reference distribution
+    ref = report["norms"]["vocab"]
+    assert all(ref["min"] * 0.5 <= t["norm"] <= ref["max"] * 2 for t in report["norms"]["per_token"])
+    moved = SoftPrompt(fresh.embeddings * 3, dict(fresh.meta))
+    report = inspect_prompt(moved, base=tiny_base, compare=fresh)
+    assert report["drift"]["mean_l2"] > 0 and report["drift"]["mean_cosine"] > 0.999  # scaled, same direction
+    assert report["compare"]["mean_per_token_cosine"] > 0.999
+    assert all(t["ratio_to_median"] > 1.5 * r["ratio_to_median"]
+               for t, r in zip(report["norms"]["per_token"], inspect_prompt(fresh, base=tiny_base)["norms"]["per_token"]))
+    text = format_report(report)
+    assert "deep prompt" in text and "by layer" in text and "nearest tokens: none" in text
+    assert write_png(inspect_prompt(moved, base=tiny_base), tmp_path / "deep.png").stat().st_size > 0

@@ -62,7 +62,7 @@ def test_distillation_lowers_the_kl(tiny_base, inputs, tmp_path):
     meta = json.loads((tmp_path / "run" / "softprompt.json").read_text())
     assert meta["metrics"]["kl"] == m["kl"] and meta["training"]["job"] == "distill"
     assert meta["template"]["input"] == "{input}" and not meta["template"]["system"]
-    from softprompt.probe import inspect_prompt  # an ordinary artifact: inspect reads it (deep prompts it cannot, as for train)
+    from softprompt.probe import inspect_prompt  # an ordinary artifact: inspect reads it
 
     report = inspect_prompt(str(tmp_path / "run"), base=tiny_base)
     assert len(report["nearest"]) == 4 and report["drift"]["reproducible"]

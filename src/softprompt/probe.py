@@ -4,6 +4,11 @@ render it. The CLI (`softprompt inspect`) is a thin layer over these functions.
 
 Every similarity is a cosine similarity in the frozen model's input-embedding space. "The vocabulary" is the
 embedding rows of real tokens (ids below len(tokenizer)); rows a model pads its table with are left out.
+
+A deep prompt ([n, 2 x layers, kv_dim]: keys and values at every layer) has no input embeddings to hold against
+the vocabulary: its report has no nearest tokens; its norms are those of each virtual token's keys/values next to
+the keys/values real text leaves (a seeded sample of the vocabulary run as one sequence), overall and per layer;
+drift and comparisons use each virtual token's whole key/value row.
 """
 
 from __future__ import annotations
@@ -69,6 +74,50 @@ def _prompt_tensor(prompt: SoftPrompt | torch.Tensor) -> torch.Tensor:
     if t.dim() != 2:
         raise SoftPromptError(f"a soft prompt is a 2-D tensor [n_virtual, d_model], got shape {tuple(t.shape)}")
     return t.detach().float()
+
+
+def _rows(prompt: SoftPrompt | torch.Tensor) -> torch.Tensor:
+    """Each virtual token as one fp32 vector: [n, d] for input embeddings, [n, 2 x layers x kv_dim] for a deep prompt."""
+    t = prompt.embeddings if isinstance(prompt, SoftPrompt) else prompt
+    return t.detach().float().reshape(t.shape[0], -1)
+
+
+def deep_norm_report(base: BaseModel, prompt: SoftPrompt | torch.Tensor, n_reference: int = 256,
+                     seed: int = 0) -> dict[str, Any]:
+    """A deep prompt's key/value norms next to those real text leaves: `n_reference` vocabulary tokens (a seeded
+    draw) run as one sequence through the model, their keys/values taken at every layer.
+
+    Returns {"kind": "keys/values", "vocab": stats of the reference rows' L2 norms, "prompt_mean", "per_token":
+    [{"index", "norm", "ratio_to_median", "vocab_percentile"}], "per_layer": [{"layer", "keys_rms", "values_rms",
+    "reference_keys_rms", "reference_values_rms"}], "per_token_layer_rms": [n][layers] (keys and values together)}.
+    """
+    t = (prompt.embeddings if isinstance(prompt, SoftPrompt) else prompt).detach().float().cpu()  # [n, 2L, kv]
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, _vocab_rows(base), (n_reference,), generator=gen)
+    with torch.no_grad():
+        ref = base.prompt_kv(base.embedding_matrix()[ids.to(base.device)]).float().cpu()  # [N, 2L, kv]
+    layers = t.shape[1] // 2
+
+    def rms(x: torch.Tensor) -> torch.Tensor:  # [rows, 2L, kv] -> [rows, L, 2] (keys, values per layer)
+        return x.reshape(x.shape[0], layers, 2, -1).pow(2).mean(-1).sqrt()
+
+    ref_norms = ref.reshape(ref.shape[0], -1).norm(dim=1)
+    stats = _stats(ref_norms)
+    ordered = ref_norms.sort().values
+    norms = t.reshape(t.shape[0], -1).norm(dim=1)
+    per_token = []
+    for i, n in enumerate(norms.tolist()):
+        below = int(torch.searchsorted(ordered, torch.tensor(n, dtype=ordered.dtype)).item())
+        per_token.append({"index": i, "norm": round(n, 6),
+                          "ratio_to_median": round(n / stats["median"], 6) if stats["median"] > 0 else None,
+                          "vocab_percentile": round(100.0 * below / len(ordered), 3)})
+    mine, theirs = rms(t).mean(0), rms(ref).mean(0)  # [L, 2]
+    per_layer = [{"layer": i, "keys_rms": round(mine[i, 0].item(), 6), "values_rms": round(mine[i, 1].item(), 6),
+                  "reference_keys_rms": round(theirs[i, 0].item(), 6),
+                  "reference_values_rms": round(theirs[i, 1].item(), 6)} for i in range(layers)]
+    by_layer = t.reshape(t.shape[0], layers, -1).pow(2).mean(-1).sqrt()  # [n, L]
+    return {"kind": "keys/values", "vocab": stats, "prompt_mean": round(norms.mean().item(), 6), "per_token": per_token,
+            "per_layer": per_layer, "per_token_layer_rms": [[round(x, 6) for x in row] for row in by_layer.tolist()]}
 
 
 def _check_width(base: BaseModel, emb: torch.Tensor) -> None:
@@ -161,7 +210,8 @@ def norm_report(base: BaseModel, prompt: SoftPrompt | torch.Tensor) -> dict[str,
         per_token.append({"index": i, "norm": round(n, 6),
                           "ratio_to_median": round(n / stats["median"], 6) if stats["median"] > 0 else None,
                           "vocab_percentile": round(100.0 * below / len(ordered), 3)})
-    return {"vocab": stats, "prompt_mean": round(norms.mean().item(), 6), "per_token": per_token}
+    return {"kind": "input embeddings", "vocab": stats, "prompt_mean": round(norms.mean().item(), 6),
+            "per_token": per_token}
 
 
 # ---- prompt vs prompt -------------------------------------------------------------------------------
@@ -178,9 +228,10 @@ def compare(a: SoftPrompt | torch.Tensor, b: SoftPrompt | torch.Tensor) -> dict[
       maximising the total): {"pairs": [[i, j, cosine], ...] (min(n_a, n_b) pairs), "mean_cosine"}.
       Length- and order-independent: two prompts with the same vectors in any order score 1.
     """
-    ea, eb = _prompt_tensor(a), _prompt_tensor(b)
+    ea, eb = _rows(a), _rows(b)
     if ea.shape[1] != eb.shape[1]:
-        raise SoftPromptError(f"cannot compare prompts of width {ea.shape[1]} and {eb.shape[1]} (different models)")
+        raise SoftPromptError(f"cannot compare prompts of width {ea.shape[1]} and {eb.shape[1]} (different models, "
+                              "or a deep prompt with an input-embedding one)")
     ua, ub = F.normalize(ea, dim=1), F.normalize(eb, dim=1)
     matrix = (ua @ ub.T).clamp(-1, 1)  # [n_a, n_b]
     same = ea.shape[0] == eb.shape[0]
@@ -262,7 +313,8 @@ def reproduce_init(base: BaseModel, prompt: SoftPrompt) -> tuple[torch.Tensor | 
         extra["init_prompt"] = str(source)
     try:
         start = SoftPrompt.initialise(base, prompt.n_virtual_tokens, strategy, init_text=init.get("text"),
-                                      labels=init.get("labels"), seed=int(init.get("seed") or 0), **extra)
+                                      labels=init.get("labels"), seed=int(init.get("seed") or 0), deep=prompt.is_deep,
+                                      **extra)
     except SoftPromptError as e:
         return None, f"re-running init {strategy!r} failed: {e}"
     return start.embeddings.detach().float(), None
@@ -281,7 +333,7 @@ def drift_from_init(base: BaseModel, prompt: SoftPrompt) -> dict[str, Any]:
     out: dict[str, Any] = {"init": init or None, "reproducible": start is not None, "reason": reason}
     if start is None:
         return out
-    now = _prompt_tensor(prompt)
+    now, start = _rows(prompt), start.reshape(start.shape[0], -1)
     diff = now - start
     l2 = diff.norm(dim=1)
     rel = l2 / start.norm(dim=1).clamp_min(1e-12)
@@ -320,9 +372,6 @@ def inspect_prompt(
     prompt_path, model, k, compare, dtype, device = cfg.prompt, cfg.model, cfg.top_k, cfg.compare, cfg.dtype, cfg.device
     prompt = as_prompt(prompt_path)
     label = str(prompt_path) if not isinstance(prompt_path, SoftPrompt) else str(prompt.meta.get("name") or "prompt")
-    if prompt.is_deep:
-        raise SoftPromptError(f"{label} is a deep prompt (keys/values at every layer): it has no input embeddings "
-                              "to hold against the vocabulary; inspect reads input-embedding prompts")
     if base is None:
         wanted = model if model is not None else (prompt.meta.get("base") or {}).get("source")
         base = load_model(wanted, dtype=dtype, device=device)
@@ -334,8 +383,10 @@ def inspect_prompt(
         "n_virtual_tokens": prompt.n_virtual_tokens,
         "dim": prompt.dim,
         "k": k,
-        "nearest": nearest_tokens(base, prompt, k),
-        "norms": norm_report(base, prompt),
+        # a deep prompt has no input embeddings: no vocabulary neighbours (see the module doc)
+        "nearest": ([{"index": i, "tokens": []} for i in range(prompt.n_virtual_tokens)] if prompt.is_deep
+                    else nearest_tokens(base, prompt, k)),
+        "norms": deep_norm_report(base, prompt) if prompt.is_deep else norm_report(base, prompt),
         "drift": drift_from_init(base, prompt),
         "compare": None,
     }
@@ -355,11 +406,20 @@ _compare = compare  # `inspect`'s parameter named `compare` shadows the function
 def format_report(report: dict[str, Any]) -> str:
     """The report as a readable terminal table."""
     norms, drift, cmp = report["norms"], report["drift"], report["compare"]
-    v = norms["vocab"]
-    lines = [f"prompt {report['prompt']}: {report['n_virtual_tokens']} virtual tokens x {report['dim']} "
-             f"on model {report['model']}"]
-    lines.append(f"vocabulary norms ({v['count']} tokens): mean {v['mean']:.3g}, median {v['median']:.3g}, "
+    v, deep = norms["vocab"], norms.get("kind") == "keys/values"
+    shape = f"{2 * len(norms['per_layer'])} x {report['dim']}" if deep else str(report["dim"])
+    kind = "deep prompt: keys and values at every layer, " if deep else ""
+    lines = [f"prompt {report['prompt']}: {report['n_virtual_tokens']} virtual tokens x {shape} "
+             f"({kind}on model {report['model']})"]
+    what = f"keys/values real text leaves ({v['count']} tokens)" if deep else f"vocabulary norms ({v['count']} tokens)"
+    lines.append(f"{what}: mean {v['mean']:.3g}, median {v['median']:.3g}, "
                  f"p5 {v['p5']:.3g}, p95 {v['p95']:.3g}, max {v['max']:.3g}; prompt mean {norms['prompt_mean']:.3g}")
+    if deep:
+        layers = norms["per_layer"]
+        show = layers if len(layers) <= 6 else [layers[0], layers[len(layers) // 2], layers[-1]]
+        lines.append("keys / values RMS by layer, prompt vs text: " + "; ".join(
+            f"layer {x['layer']}: {x['keys_rms']:.3g}/{x['values_rms']:.3g} vs "
+            f"{x['reference_keys_rms']:.3g}/{x['reference_values_rms']:.3g}" for x in show))
     init = drift["init"] or {}
     desc = str(init.get("strategy") or "unknown")
     if init.get("text"):
@@ -383,7 +443,7 @@ def format_report(report: dict[str, Any]) -> str:
     header = ["#", "norm", "x med", "drift", "cos init"]
     if cmp is not None and cmp["same_length"]:
         header.append("cos other")
-    header.append(f"nearest tokens (cosine), top {report['k']}")
+    header.append("nearest tokens: none (keys/values)" if deep else f"nearest tokens (cosine), top {report['k']}")
     rows = []
     for i, near in enumerate(report["nearest"]):
         nt = norms["per_token"][i]
@@ -406,8 +466,8 @@ def format_report(report: dict[str, Any]) -> str:
 
 
 def write_png(report: dict[str, Any], path: str | os.PathLike) -> Path:
-    """Heat map: virtual tokens x top-k nearest-token cosines annotated with the tokens, or, when the report
-    has a comparison, the prompt-vs-prompt cosine matrix."""
+    """Heat map: virtual tokens x top-k nearest-token cosines annotated with the tokens (a deep prompt: virtual
+    tokens x layers, key/value RMS), or, when the report has a comparison, the prompt-vs-prompt cosine matrix."""
     try:
         import matplotlib
 
@@ -436,6 +496,14 @@ def write_png(report: dict[str, Any], path: str | os.PathLike) -> Path:
                     for j in range(nb):
                         ax.text(j, i, f"{data[i, j].item():.2f}", ha="center", va="center", fontsize=6)
             fig.colorbar(im, ax=ax, label="cosine")
+        elif report["norms"].get("kind") == "keys/values":
+            data = torch.tensor(report["norms"]["per_token_layer_rms"])  # [n, layers]
+            fig, ax = plt.subplots(figsize=(min(24, 2.5 + 0.3 * data.shape[1]), min(24, 1.5 + 0.4 * data.shape[0])))
+            im = ax.imshow(data.numpy(), cmap="viridis", aspect="auto")
+            ax.set_xlabel("layer")
+            ax.set_ylabel("virtual token")
+            ax.set_title(f"{report['prompt']}: key/value RMS per layer (deep prompt, {report['model']})")
+            fig.colorbar(im, ax=ax, label="RMS of keys and values")
         else:
             near = report["nearest"]
             k = max(len(n["tokens"]) for n in near)
