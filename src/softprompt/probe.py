@@ -101,16 +101,8 @@ def deep_norm_report(base: BaseModel, prompt: SoftPrompt | torch.Tensor, n_refer
     def rms(x: torch.Tensor) -> torch.Tensor:  # [rows, 2L, kv] -> [rows, L, 2] (keys, values per layer)
         return x.reshape(x.shape[0], layers, 2, -1).pow(2).mean(-1).sqrt()
 
-    ref_norms = ref.reshape(ref.shape[0], -1).norm(dim=1)
-    stats = _stats(ref_norms)
-    ordered = ref_norms.sort().values
     norms = t.reshape(t.shape[0], -1).norm(dim=1)
-    per_token = []
-    for i, n in enumerate(norms.tolist()):
-        below = int(torch.searchsorted(ordered, torch.tensor(n, dtype=ordered.dtype)).item())
-        per_token.append({"index": i, "norm": round(n, 6),
-                          "ratio_to_median": round(n / stats["median"], 6) if stats["median"] > 0 else None,
-                          "vocab_percentile": round(100.0 * below / len(ordered), 3)})
+    stats, per_token = _against(norms, ref.reshape(ref.shape[0], -1).norm(dim=1))
     mine, theirs = rms(t).mean(0), rms(ref).mean(0)  # [L, 2]
     per_layer = [{"layer": i, "keys_rms": round(mine[i, 0].item(), 6), "values_rms": round(mine[i, 1].item(), 6),
                   "reference_keys_rms": round(theirs[i, 0].item(), 6),
@@ -191,6 +183,18 @@ def _stats(norms: torch.Tensor) -> dict[str, Any]:
     return {key: value if key == "count" else round(value, 6) for key, value in stats.items()}
 
 
+def _against(norms: torch.Tensor, reference: torch.Tensor) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The reference norms' summary, and each virtual token's norm [n] placed in it."""
+    stats, ordered = _stats(reference), reference.sort().values
+    per_token = []
+    for i, n in enumerate(norms.tolist()):
+        below = int(torch.searchsorted(ordered, torch.tensor(n, dtype=ordered.dtype)).item())
+        per_token.append({"index": i, "norm": round(n, 6),
+                          "ratio_to_median": round(n / stats["median"], 6) if stats["median"] > 0 else None,
+                          "vocab_percentile": round(100.0 * below / len(ordered), 3)})
+    return stats, per_token
+
+
 def norm_report(base: BaseModel, prompt: SoftPrompt | torch.Tensor) -> dict[str, Any]:
     """L2 norm of each virtual token next to the vocabulary's norm distribution.
 
@@ -201,15 +205,8 @@ def norm_report(base: BaseModel, prompt: SoftPrompt | torch.Tensor) -> dict[str,
     emb = _prompt_tensor(prompt)
     _check_width(base, emb)
     vocab, _, _ = _scan_vocab(base, None, 1)
-    stats = _stats(vocab)
-    ordered = vocab.sort().values
     norms = emb.norm(dim=1)
-    per_token = []
-    for i, n in enumerate(norms.tolist()):
-        below = int(torch.searchsorted(ordered, torch.tensor(n, dtype=ordered.dtype)).item())
-        per_token.append({"index": i, "norm": round(n, 6),
-                          "ratio_to_median": round(n / stats["median"], 6) if stats["median"] > 0 else None,
-                          "vocab_percentile": round(100.0 * below / len(ordered), 3)})
+    stats, per_token = _against(norms, vocab)
     return {"kind": "input embeddings", "vocab": stats, "prompt_mean": round(norms.mean().item(), 6),
             "per_token": per_token}
 
