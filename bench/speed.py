@@ -555,9 +555,9 @@ def build_steppers(configs: list[str], folder: str, work: Workload, args, out: P
             dtype = {"softprompt-bf16": "bfloat16", "softprompt-fp32": "float32"}.get(name, "auto")
             from transformers import AutoConfig
 
-            key = str(pick_dtype(dtype, device, AutoConfig.from_pretrained(folder))[0])
-            if key not in bases:
-                bases[key] = load_model(folder, dtype=dtype, device=str(device))
+            key = str(pick_dtype(dtype, device, AutoConfig.from_pretrained(folder), "train")[0])
+            if key not in bases:  # as `softprompt train` loads it: the dtype (and attention) measured for training
+                bases[key] = load_model(folder, dtype=dtype, device=str(device), purpose="train")
             steppers.append(softprompt_stepper(name, bases[key], work, args, out, shared_prefix=shared_prefix_for(name)))
         elif name in ("peft-fp32", "peft-bf16", "peft-fp32-guide"):
             hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device)

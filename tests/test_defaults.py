@@ -261,3 +261,38 @@ def test_deep_prompt_by_default_where_the_model_takes_one(tiny_base, sentiment_f
     assert not train(output=str(tmp_path / "n"), deep=False, **common).prompt.is_deep
     assert not train(output=str(tmp_path / "lm"), lm=True, output_template="{input}", **common).prompt.is_deep
     assert not train(output=str(tmp_path / "r"), reparam="residual", **common).prompt.is_deep
+
+
+def test_training_attention_backend_follows_the_measurement(cache_dir, monkeypatch, tiny_base, tiny_model_dir,
+                                                             sentiment_files, tmp_path):
+    """A CPU where torch's plain-math attention trains a layer faster than its fused kernel: the choice says so,
+    and train() runs its steps under the math backend (measured, cached per machine, told on the loading line)."""
+    import sys
+
+    fake_probe(monkeypatch, {"float32": 2.0, "bfloat16": 1.0})
+    timings = {"calls": 0}
+
+    def attention(dtype, config, device):
+        timings["calls"] += 1
+        return (1.0, 0.5)  # fused 1.0 s, math 0.5 s
+
+    monkeypatch.setattr(precision, "attention_seconds", attention)
+    cpu = torch.device("cpu")
+    choice = precision.choose_dtype(cpu, 64, 256, config=tiny_base.config, purpose="train")
+    assert choice.attention == "math" and "plain math" in choice.reason
+    assert precision.choose_dtype(cpu, 64, 256, config=tiny_base.config, purpose="train").attention == "math"
+    assert timings["calls"] == 1  # cached with the dtype
+    assert precision.choose_dtype(cpu, 64, 256, config=tiny_base.config, purpose="inference").attention is None
+    monkeypatch.setattr(precision, "attention_seconds", lambda *a: (1.0, 0.95))  # not worth it
+    assert precision.choose_dtype(cpu, 64, 256, config=tiny_base.config, purpose="train", use_cache=False).attention is None
+    monkeypatch.setattr(precision, "attention_seconds", attention)
+
+    steps = sys.modules["softprompt.train"]
+    entered = []
+    real = steps.attention_backend
+    monkeypatch.setattr(steps, "attention_backend", lambda base: entered.append(base.dtype_choice.attention) or real(base))
+    base = load_model(str(tiny_model_dir), device="cpu", purpose="train")
+    assert base.dtype_choice.attention == "math"
+    train(base=base, data=str(sentiment_files[0]), output=str(tmp_path / "run"), steps=2, batch_size=8,
+          virtual_tokens=3, progress=False)
+    assert entered == ["math", "math"]

@@ -44,6 +44,9 @@ class DtypeChoice:
     reason: str  # one line for the user
     speedup: float | None = None  # chosen over fp32, measured
     cached: bool = False
+    # Training only: "math" when torch's plain-math attention measured faster than its fused kernel for this
+    # layer in the chosen dtype (CPU bf16 here: the fused backward cost 1.4x a whole step); None: torch's choice.
+    attention: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -213,14 +216,51 @@ def choose_dtype(device: torch.device, hidden: int, ffn: int, *, use_cache: bool
     fp32 = times["float32"]
     best = min(times, key=times.get)
     speedup = fp32 / times[best]
+    chosen = "float32" if best == "float32" or speedup < MIN_SPEEDUP else best
+    attention, note = None, ""
+    if config is not None and purpose == "train":
+        if "attention" not in entry or chosen not in entry["attention"]:
+            entry.setdefault("attention", {})[chosen] = attention_seconds(DTYPES_BY_NAME[chosen], config, device)
+            if use_cache:
+                table[hashlib.sha256(key.encode()).hexdigest()[:20]] = entry
+                _write_cache(path, table)
+        fused, math = entry["attention"][chosen] or (None, None)
+        attention = "math" if fused and math and fused / math >= MIN_ATTENTION_SPEEDUP else None
+        note = "" if attention is None else f"; attention: plain math, {fused / math:.2f}x the fused kernel here"
     if best == "float32" or speedup < MIN_SPEEDUP:
         half = next(n for n in times if n != "float32")
         what = "" if config is None else (" training" if purpose == "train" else " inference")
         return DtypeChoice("float32", True, f"float32 ({half} measured {fp32 / times[half]:.2f}x the speed of "
-                           f"float32{what} on this {device.type}; {MIN_SPEEDUP}x needed)", 1.0, cached)
+                           f"float32{what} on this {device.type}; {MIN_SPEEDUP}x needed{note})", 1.0, cached, attention)
     what = "" if config is None else (" to train" if purpose == "train" else " to run")
     return DtypeChoice(best, True, f"{best} (measured {speedup:.1f}x faster than float32{what} on this {device.type}; "
-                       "the prompt, its optimizer state and the loss stay float32)", round(speedup, 2), cached)
+                       f"the prompt, its optimizer state and the loss stay float32{note})", round(speedup, 2), cached,
+                       attention)
+
+
+MIN_ATTENTION_SPEEDUP = 1.15  # plain-math attention must beat the fused kernel by this much (fwd + bwd of a layer)
+DTYPES_BY_NAME = {name: dtype for dtype, name in NAMES.items()}
+
+
+def attention_seconds(dtype: torch.dtype, config, device: torch.device) -> tuple[float, float] | None:
+    """(fused kernel, plain math) seconds for one layer's forward + backward in `dtype`, or None if not measurable."""
+    if device.type != "cpu":  # on GPUs the fused kernels win by far; not worth the probe
+        return None
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:
+        return None
+    calls = layer_calls([dtype], config, device, "train")
+    if calls is None:
+        return None
+    (call,) = calls.values()
+
+    def with_math():
+        with sdpa_kernel(SDPBackend.MATH):
+            call()
+
+    times = _best_times({"fused": call, "math": with_math}, device, rounds=3)
+    return times["fused"], times["math"]
 
 
 def _config_key(config) -> str:

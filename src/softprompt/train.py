@@ -7,6 +7,7 @@ is a pure function of (seed, e): a checkpoint needs only the prompt, Adam's mome
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -184,7 +185,8 @@ def train(config: TrainConfig | dict | None = None, /, *, base: BaseModel | None
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(state["step"], cfg, total)
                 batch = [examples[i] for i in indices]
-                loss, tokens = _step(base, prompt, optimizer, batch, cfg, pad_id, world, piece_loss or nll_loss)
+                with attention_backend(base):
+                    loss, tokens = _step(base, prompt, optimizer, batch, cfg, pad_id, world, piece_loss or nll_loss)
                 _check_finite(loss, prompt, state["step"] + 1, ckpt_path)
                 state["step"] += 1
                 state["batch_in_epoch"] += 1
@@ -290,6 +292,16 @@ def _agree_on_plan(world: World, state: dict, device: torch.device) -> None:
 # A step's loss, piece by piece: (base, prompt tensor, micro-batch, whole global batch, pad id) -> scalar, the
 # piece's share of the batch loss (summed over its rows, divided by a count over the whole batch).
 PieceLoss = Callable[[BaseModel, torch.Tensor, list, list, int], torch.Tensor]
+
+
+def attention_backend(base: BaseModel):
+    """torch's plain-math attention for the training step where the dtype probe measured it faster than the fused
+    kernel on this machine (`DtypeChoice.attention`), else torch's own choice."""
+    if getattr(base.dtype_choice, "attention", None) == "math":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        return sdpa_kernel(SDPBackend.MATH)
+    return contextlib.nullcontext()
 
 
 def nll_loss(base: BaseModel, prompt: torch.Tensor, piece: list[Encoded], batch: list[Encoded], pad_id: int) -> torch.Tensor:
