@@ -150,3 +150,37 @@ def shared_prefix(base, on: bool):
         yield
     finally:
         base.shared_prefix = old
+
+
+class LocalServer:
+    """uvicorn serving `app` on 127.0.0.1, an ephemeral port, in a thread (the serving tests' real socket)."""
+
+    def __init__(self, app, log_level: str = "warning"):
+        import socket
+        import threading
+
+        import uvicorn
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="on", timeout_graceful_shutdown=30))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self):
+        import time
+
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert self.server.started
+        return self
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(30)
+
+    def __exit__(self, *exc):
+        self.stop()

@@ -7,7 +7,6 @@ import asyncio
 import json
 import os
 import shutil
-import socket
 import threading
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ from softprompt.generate import generate_ids  # noqa: E402
 from softprompt.scheduler import PromptEntry, SamplingParams, Scheduler, Sequence  # noqa: E402
 from softprompt.serve import PromptRegistry, ServeConfig, create_app  # noqa: E402
 
-from conftest import load_with_serve_chat_template  # noqa: E402
+from conftest import LocalServer, load_with_serve_chat_template  # noqa: E402
 TEXTS = ["the film was great", "Review : the plot was awful . Sentiment", "the meal",
          "this phone was superb and the hotel was poor . positive negative"]
 PROMPTS = {"short": 2, "mid": 5, "long": 9}
@@ -588,38 +587,11 @@ def test_prompt_names_and_files_are_validated(base, prompts_dir, tmp_path):
 # ---- a real socket: the openai client, client disconnects, graceful shutdown ----------------------------------
 
 
-class _Server:
-    def __init__(self, app):
-        import uvicorn
-
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        self.port = sock.getsockname()[1]
-        self.sock = sock
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=30))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.server.started and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert self.server.started
-        return self
-
-    def stop(self):
-        self.server.should_exit = True
-        self.thread.join(30)
-
-    def __exit__(self, *exc):
-        self.stop()
-
-
 def test_real_socket_openai_client_disconnect_and_graceful_shutdown(base, prompts_dir, prompt_objs):
     openai = pytest.importorskip("openai")
     app = make_app(base, prompts_dir, watch_interval=0, api_key="k", max_output_tokens=256)
     sched = app.state.server.scheduler
-    with _Server(app) as srv:
+    with LocalServer(app) as srv:
         url = f"http://127.0.0.1:{srv.port}"
         client = openai.OpenAI(base_url=url + "/v1", api_key="k", max_retries=0)
         assert [m.id for m in client.models.list().data][:2] == ["tiny", "tiny:long"]

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import threading
 import time
 
@@ -27,7 +26,7 @@ from softprompt.serve import PromptRegistry, ServeConfig, check_exposure, create
 
 from conftest import cli_error  # noqa: E402
 
-from conftest import load_with_serve_chat_template  # noqa: E402
+from conftest import LocalServer, load_with_serve_chat_template  # noqa: E402
 GOOD_TEXT = "the film was great"
 
 
@@ -210,31 +209,6 @@ def test_a_public_bind_needs_a_key_or_an_explicit_yes(tmp_path, monkeypatch, cap
 # ---- the fuzzer ----------------------------------------------------------------------------------------------------
 
 
-class LocalServer:
-    """uvicorn on 127.0.0.1, an ephemeral port, in a thread."""
-
-    def __init__(self, app):
-        import uvicorn
-
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="critical", lifespan="on"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.server.started and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert self.server.started
-        return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(30)
-
-
 def _quote(name: str) -> str:
     from urllib.parse import quote
 
@@ -310,7 +284,7 @@ def test_fuzzed_requests_never_5xx_and_never_fail_good_ones(base, mid, prompts_d
                 else:
                     outcome["bad"].append((r.status_code, r.text[:200]))
 
-    with LocalServer(app) as srv:
+    with LocalServer(app, log_level="critical") as srv:
         workers = [threading.Thread(target=good_stream) for _ in range(4)]
         for w in workers:
             w.start()
