@@ -115,7 +115,7 @@ def test_server_scheduler_serves_deep_prompts_mixed_with_others(tiny_base):
     for s in seqs:
         p = None if s.prompt is None else s.prompt.embeddings
         assert s.generated == generate_ids(tiny_base, [s.input_ids], p, max_new_tokens=6)[0]
-    assert entries[0].kv[0][0].shape == (1, tiny_base.kv_layout[1], 3, tiny_base.kv_layout[2])
+    assert entries[0].kv.shape == (2, *tiny_base.kv_layout[:2], 3, tiny_base.kv_layout[2])
 
 
 def test_peft_prefix_tuning_round_trip_same_logits(tiny_model_dir, tmp_path):

@@ -110,7 +110,7 @@ def test_prefix_cache_computed_once_per_prompt(base, prompt_objs):
         sched.submit(Sequence(ids_of(base, t), greedy(3), e, lambda ev: None))
     sched.run_until_idle()
     first = e.kv
-    assert first is not None and first[0][0].shape[2] == PROMPTS["mid"]
+    assert first is not None and first.shape[3] == PROMPTS["mid"]  # [2, layers, H, P, D]
     sched.submit(Sequence(ids_of(base, TEXTS[0]), greedy(3), e, lambda ev: None))
     sched.run_until_idle()
     assert e.kv is first

@@ -1,13 +1,16 @@
-"""The running rows' keys/values, in buffers allocated ahead so a decode step writes one column in place.
+"""The running rows' keys/values, in ONE buffer allocated ahead so a decode step writes one column in place.
 
 transformers' DynamicCache grows by `torch.cat` at every layer of every step: the whole cache copied per token
-(a sixth of a CPU decode step at batch 32). Here each layer owns a buffer [rows_cap, H, cols_cap, D]; the batch
-uses rows [0, n) and columns [0, width), every row right-aligned so its newest token is column width-1:
+(a sixth of a CPU decode step at batch 32). Here one tensor holds every layer's keys and values,
+[2, layers, rows_cap, H, cols_cap, D]; the batch uses rows [0, n) and columns [0, width), every row right-aligned
+so its newest token is column width-1:
 
     [pad | its prompt's virtual tokens | pad | input | generated]     (mask 0 over the pads)
 
-A forward sees the buffers through a cache whose layers write the new states at column `width` and hand back
-views [:n, :, :width+q]; `commit(q)` then moves `width`. Room is added by doubling, so copies are rare.
+A forward sees the buffer through a cache whose layers write the new states in place and hand back views. Newcomers
+are prefilled straight into rows [n, n+m) of the same buffer (`open`, a forward over `view`, then `join`), and
+moving, widening or dropping rows is one tensor operation for all layers, not one per layer. Room is added by
+doubling, so copies are rare.
 """
 
 from __future__ import annotations
@@ -19,67 +22,72 @@ TRIM_AT = 0.25  # drop leading all-padding columns once they are this share of t
 
 
 class DecodeBatch:
-    """Rows (any objects: the engine's sequences), their mask [n, width], next positions [n] and KV buffers."""
+    """Rows (any objects: the engine's sequences), their mask [n, width], next positions [n] and the KV buffer."""
 
-    def __init__(self):
+    def __init__(self, layers: int, heads: int, head_dim: int, dtype: torch.dtype, device: torch.device | str):
         self.rows: list = []
-        self.keys: list[torch.Tensor] = []  # per layer [rows_cap, H, cols_cap, D]
-        self.values: list[torch.Tensor] = []
+        self.kv = torch.zeros(2, layers, 0, heads, 0, head_dim, dtype=dtype, device=device)  # [2, L, rows, H, cols, D]
         self.width = 0
-        self.mask: torch.Tensor | None = None  # [n, width] long, 0 over padding
-        self.next_pos: torch.Tensor | None = None  # [n] position of the token fed next
+        self.mask = torch.zeros(0, 0, dtype=torch.long, device=device)  # [n, width], 0 over padding
+        self.next_pos = torch.zeros(0, dtype=torch.long, device=device)  # [n] position of the token fed next
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    # ---- shape management ----
-
-    def _grow(self, rows: int, cols: int, shift: int = 0) -> None:
+    def _reserve(self, rows: int, cols: int, shift: int = 0) -> None:
         """Make room for `rows` x `cols`, moving the current columns `shift` to the right (new left padding)."""
         n, w = len(self.rows), self.width
-        cap_rows, cap_cols = self.keys[0].shape[0], self.keys[0].shape[2]
+        cap_rows, cap_cols = self.kv.shape[2], self.kv.shape[4]
         if rows <= cap_rows and cols <= cap_cols and shift == 0:
             return
         new_rows = max(rows, cap_rows if rows <= cap_rows else 2 * cap_rows, ROWS_MIN)
         new_cols = max(cols, cap_cols if cols <= cap_cols else 2 * cap_cols, COLS_MIN)
-        for store in (self.keys, self.values):
-            for i, buf in enumerate(store):
-                fresh = buf.new_zeros(new_rows, buf.shape[1], new_cols, buf.shape[3])
-                fresh[:n, :, shift:shift + w] = buf[:n, :, :w]
-                store[i] = fresh
+        two, layers, _, heads, _, head_dim = self.kv.shape
+        fresh = self.kv.new_zeros(two, layers, new_rows, heads, new_cols, head_dim)
+        fresh[:, :, :n, :, shift:shift + w] = self.kv[:, :, :n, :, :w]
+        self.kv = fresh
 
-    def merge(self, rows: list, layers: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor,
-              next_pos: torch.Tensor) -> None:
-        """Append prefilled rows: per layer (keys, values) [m, H, w, D] right-aligned as described, mask [m, w]."""
-        m, w_new = mask.shape
-        if not self.rows:
-            self.keys = [k.new_zeros(max(m, ROWS_MIN), k.shape[1], max(2 * w_new, COLS_MIN), k.shape[3]) for k, _ in layers]
-            self.values = [v.new_zeros(max(m, ROWS_MIN), v.shape[1], max(2 * w_new, COLS_MIN), v.shape[3]) for _, v in layers]
-            self.width, self.mask, self.next_pos = 0, mask.new_zeros(0, 0), next_pos.new_zeros(0)
+    # ---- newcomers: open rows, prefill into them, join ----
+
+    def open(self, m: int, span: int) -> tuple[int, int]:
+        """Room for `m` new rows whose states will fill `span` columns, right-aligned with the running rows (the batch
+        widens, padding the running rows on the left, when `span` exceeds its width). Returns (first new row, first
+        column of the span). The new rows' columns are zeroed: padding is masked, but must never be NaN."""
         n, w = len(self.rows), self.width
-        width = max(w, w_new)
-        self._grow(n + m, width + 1, shift=width - w)
-        for (k, v), kb, vb in zip(layers, self.keys, self.values):
-            kb[n:n + m, :, :width - w_new].zero_()  # stale states of retired rows: masked, but never NaN
-            vb[n:n + m, :, :width - w_new].zero_()
-            kb[n:n + m, :, width - w_new:width] = k
-            vb[n:n + m, :, width - w_new:width] = v
-        self.mask = torch.cat([_left_pad_mask(self.mask, width), _left_pad_mask(mask, width)])
+        width = max(w, span)
+        self._reserve(n + m, width + 1, shift=width - w)
+        self.kv[:, :, n:n + m, :, :width].zero_()
+        self.mask, self.width = left_pad_mask(self.mask, width), width
+        return n, width - span
+
+    def join(self, rows: list, mask: torch.Tensor, next_pos: torch.Tensor) -> None:
+        """The `open`ed rows, now prefilled (their span's mask [m, span]), become running rows."""
+        n, (m, span) = len(self.rows), mask.shape
+        c0 = self.width - span
+        keep = mask.to(self.kv.dtype)[None, None, :, None, :, None]  # [1, 1, m, 1, span, 1]
+        self.kv[:, :, n:n + m, :, c0:self.width] *= keep  # what the forward wrote at padded positions: zero
+        self.mask = torch.cat([self.mask, left_pad_mask(mask, self.width)])
         self.next_pos = torch.cat([self.next_pos, next_pos])
         self.rows = self.rows + list(rows)
-        self.width = width
+
+    def view(self, first_row: int, end_row: int, first_col: int, past: int):
+        """A transformers cache over rows [first_row, end_row) of the buffer whose past is the `past` columns from
+        `first_col`; a forward appends its new states after them, in place."""
+        return slot_cache(self.kv, slice(first_row, end_row), first_col, past)
+
+    # ---- running rows ----
 
     def keep(self, indices: list[int]) -> None:
         """Keep only these rows (compacted to the front), and trim leading columns that are padding in all."""
         if not indices:
-            self.__init__()
+            self.rows, self.width = [], 0
+            self.mask, self.next_pos = self.mask[:0, :0], self.next_pos[:0]
             return
         n = len(indices)
         if indices != list(range(n)):  # move the kept rows to the front (when only the last rows go, nothing moves)
             idx = torch.tensor(indices, device=self.mask.device)
-            for store in (self.keys, self.values):
-                for buf in store:
-                    buf[:n, :, :self.width] = buf[:, :, :self.width].index_select(0, idx)
+            moved = next(i for i, j in enumerate(indices) if i != j)  # rows before it stay where they are
+            self.kv[:, :, moved:n, :, :self.width] = self.kv[:, :, :, :, :self.width].index_select(2, idx[moved:])
             self.mask, self.next_pos = self.mask.index_select(0, idx), self.next_pos.index_select(0, idx)
         else:
             self.mask, self.next_pos = self.mask[:n], self.next_pos[:n]
@@ -87,17 +95,13 @@ class DecodeBatch:
         first = int(self.mask.any(0).long().argmax())
         if first > TRIM_AT * self.width:
             w = self.width - first
-            for store in (self.keys, self.values):
-                for buf in store:
-                    buf[:n, :, :w] = buf[:n, :, first:self.width].clone()
+            self.kv[:, :, :n, :, :w] = self.kv[:, :, :n, :, first:self.width].clone()
             self.mask, self.width = self.mask[:, first:], w
 
-    # ---- one forward ----
-
     def cache(self, new_tokens: int):
-        """A transformers cache over the buffers for a forward adding `new_tokens` columns; `commit` after it."""
-        self._grow(len(self.rows), self.width + new_tokens)
-        return slot_cache(self, len(self.rows))
+        """A transformers cache over the running rows for a forward adding `new_tokens` columns; `commit` after it."""
+        self._reserve(len(self.rows), self.width + new_tokens)
+        return self.view(0, len(self.rows), 0, self.width)
 
     def commit(self, new_tokens: int, mask: torch.Tensor) -> None:
         self.width += new_tokens
@@ -105,38 +109,36 @@ class DecodeBatch:
         self.next_pos = self.next_pos + new_tokens
 
 
-def slot_cache(batch: DecodeBatch, n: int):
+def slot_cache(kv: torch.Tensor, rows: slice, first_col: int, past: int):
+    """A DynamicCache whose layer i reads and writes kv[0|1, i, rows, :, first_col:...] in place."""
     from transformers.cache_utils import DynamicCache, DynamicLayer
 
     class SlotLayer(DynamicLayer):
-        """One layer's view of the batch buffers: `update` writes the new states in place, returns [:n, :, :w+q]."""
+        """One layer's view of the buffer: `update` writes the new states after the past, returns past + new."""
 
         def __init__(self, i: int):
             super().__init__()
-            self.i = i
-            self.keys = batch.keys[i][:n, :, :batch.width]
-            self.values = batch.values[i][:n, :, :batch.width]
-            self.dtype, self.device, self.is_initialized = self.keys.dtype, self.keys.device, True
+            self.keys = kv[0, i, rows, :, first_col:first_col + past]
+            self.values = kv[1, i, rows, :, first_col:first_col + past]
+            self.i, self.end = i, first_col + past
+            self.dtype, self.device, self.is_initialized = kv.dtype, kv.device, True
 
         def update(self, key_states, value_states, *args, **kwargs):
-            w, q = batch.width, key_states.shape[2]
-            kb, vb = batch.keys[self.i], batch.values[self.i]
-            kb[:n, :, w:w + q] = key_states
-            vb[:n, :, w:w + q] = value_states
-            self.keys, self.values = kb[:n, :, :w + q], vb[:n, :, :w + q]
+            end = self.end + key_states.shape[2]
+            kb, vb = kv[0, self.i, rows], kv[1, self.i, rows]
+            kb[:, :, self.end:end] = key_states
+            vb[:, :, self.end:end] = value_states
+            self.keys, self.values, self.end = kb[:, :, first_col:end], vb[:, :, first_col:end], end
             return self.keys, self.values
 
     cache = DynamicCache()
-    cache.layers = [SlotLayer(i) for i in range(len(batch.keys))]
+    cache.layers = [SlotLayer(i) for i in range(kv.shape[1])]
     cache.layer_class_to_replicate = None
     return cache
 
 
-# ---- transformers cache plumbing (4.56+ / 5.x Cache objects) -------------------------------------------------
-
-
 def cache_layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per layer (keys, values), each [B, H, L, D]."""
+    """Per layer (keys, values), each [B, H, L, D], from a transformers cache (4.56+ / 5.x Cache objects)."""
     if hasattr(cache, "layers"):
         return [(layer.keys, layer.values) for layer in cache.layers]
     if hasattr(cache, "key_cache"):
@@ -144,25 +146,6 @@ def cache_layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(k, v) for k, v, *_ in cache]  # legacy tuple of tuples
 
 
-def make_cache(layers: list[tuple[torch.Tensor, torch.Tensor]]):
-    """A transformers cache holding these per-layer (keys, values) as they are (no copy)."""
-    from transformers import DynamicCache
-
-    cache = DynamicCache()
-    for i, (k, v) in enumerate(layers):
-        cache.update(k[:, :, :0], v[:, :, :0], i)  # creates the layer; its states are then set, not copied by cat
-        cache.layers[i].keys, cache.layers[i].values = k, v
-    return cache
-
-
-def left_pad(x: torch.Tensor, width: int) -> torch.Tensor:
-    """[B, H, L, D] -> [B, H, width, D] with zeros in front."""
-    extra = width - x.shape[2]
-    if extra <= 0:
-        return x
-    return torch.cat([x.new_zeros(x.shape[0], x.shape[1], extra, x.shape[3]), x], dim=2)
-
-
-def _left_pad_mask(m: torch.Tensor, width: int) -> torch.Tensor:
+def left_pad_mask(m: torch.Tensor, width: int) -> torch.Tensor:
     extra = width - m.shape[1]
     return m if extra <= 0 else torch.cat([m.new_zeros(m.shape[0], extra), m], dim=1)

@@ -28,7 +28,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from .batch_cache import DecodeBatch, cache_layers, left_pad, make_cache
+from .batch_cache import DecodeBatch, cache_layers
 from .errors import SoftPromptError
 from .model import BaseModel, cache_of
 from .sampling import SamplingParams, eos_ids, find_stop, greedy_and_finite, held_back, pick_token
@@ -45,7 +45,7 @@ class PromptEntry:
     embeddings: torch.Tensor  # [P, d] input embeddings or [P, 2*layers, kv_dim] deep prompt, on the model's device
     version: int = 0
     meta: dict = field(default_factory=dict)
-    kv: list[tuple[torch.Tensor, torch.Tensor]] | None = field(default=None, repr=False)  # per layer [1, H, P, D]
+    kv: torch.Tensor | None = field(default=None, repr=False)  # [2, layers, H, P, D] keys, values
     next_logits: torch.Tensor | None = field(default=None, repr=False)  # [V] the last virtual token's prediction
 
     @property
@@ -118,7 +118,7 @@ class Engine:
         tok = base.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
         self.eos = eos_ids(tok, base.model)
-        self.batch = DecodeBatch()
+        self.batch = self._empty_batch()
         self.stats = {"decode_steps": 0, "decode_rows": 0, "prefills": 0, "prefill_rows": 0, "max_batch_rows": 0,
                       "prefix_cache_hits": 0, "prefix_cache_misses": 0, "generated_tokens": 0, "prompt_tokens": 0,
                       "finished": 0, "cancelled": 0, "timeouts": 0, "errors": 0}
@@ -134,29 +134,31 @@ class Engine:
         out = self.base.extend(cache, input_ids, mask, positions, **self.base.last_logits_kw())
         return out.logits[:, -1], cache_of(out)
 
-    def prompt_kv(self, entry: PromptEntry) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The keys/values a prompt leaves at positions 0..P-1, computed once per entry (the prefix cache). A deep
-        prompt IS keys/values: they are only laid out per layer. The prompt meets the model through BaseModel."""
+    def prompt_kv(self, entry: PromptEntry) -> torch.Tensor:
+        """The keys/values [2, layers, H, P, D] a prompt leaves at positions 0..P-1, computed once per entry (the
+        prefix cache). A deep prompt IS keys/values: they are only laid out. The prompt meets the model through
+        BaseModel."""
         if entry.kv is not None:
             self.stats["prefix_cache_hits"] += 1
             return entry.kv
         self.stats["prefix_cache_misses"] += 1
         base = self.base
-        if entry.is_deep:
-            entry.kv = [(k.contiguous(), v.contiguous()) for k, v in base.prefix_layers(entry.embeddings[None].to(base.dtype))]
-            return entry.kv
         with torch.inference_mode():
-            empty = torch.zeros(1, 0, dtype=torch.long)
-            out = base.forward(base.prepend_prompts(empty, empty, entry.embeddings), use_cache=True,
-                               **base.last_logits_kw())
-            entry.kv = [(k.clone(), v.clone()) for k, v in cache_layers(cache_of(out))]
-            entry.next_logits = out.logits[0, -1].clone()  # what an empty input continues from
+            if entry.is_deep:
+                layers = base.prefix_layers(entry.embeddings[None].to(base.dtype))
+            else:
+                empty = torch.zeros(1, 0, dtype=torch.long)
+                out = base.forward(base.prepend_prompts(empty, empty, entry.embeddings), use_cache=True,
+                                   **base.last_logits_kw())
+                layers = cache_layers(cache_of(out))
+                entry.next_logits = out.logits[0, -1].clone()  # what an empty input continues from
+            entry.kv = torch.stack([torch.stack([k[0] for k, _ in layers]), torch.stack([v[0] for _, v in layers])])
         return entry.kv
 
     @torch.inference_mode()
     def add(self, seqs: list[Sequence]) -> None:
-        """Prefill `seqs` together behind their prompts' cached keys/values, sample each one's first token and merge
-        them into the running batch."""
+        """Prefill `seqs` together, straight into new rows of the batch cache behind their prompts' cached
+        keys/values, sample each one's first token and make them running rows."""
         for s in seqs:
             if not s.input_ids and (s.prompt is None or s.prompt.is_deep):
                 raise SoftPromptError("empty input: give some text to continue (only an input-embedding soft prompt "
@@ -166,7 +168,7 @@ class Engine:
         tlen = [len(s.input_ids) for s in seqs]
         pmax, tmax = max(plen), max(tlen)
         ids = torch.full((n, tmax), self.pad_id, dtype=torch.long)
-        mask = torch.zeros(n, pmax + tmax, dtype=torch.long)
+        mask = torch.zeros(n, pmax + tmax, dtype=torch.long)  # [n, pad | virtual | pad | input]
         pos = torch.zeros(n, tmax, dtype=torch.long)
         for i, s in enumerate(seqs):
             ids[i, tmax - tlen[i]:] = torch.tensor(s.input_ids, dtype=torch.long)
@@ -174,20 +176,17 @@ class Engine:
             mask[i, pmax + tmax - tlen[i]:] = 1
             pos[i, tmax - tlen[i]:] = torch.arange(plen[i], plen[i] + tlen[i])
         ids, mask, pos = ids.to(dev), mask.to(dev), pos.to(dev)
-        past = None
-        if pmax:  # each row's prompt from the prefix cache, left-padded to pmax
-            prefixes = [self.prompt_kv(s.prompt) if s.prompt else None for s in seqs]
-            ref = next(p for p in prefixes if p is not None)
-            past = make_cache([(torch.cat([left_pad(p[li][0] if p else rk[:, :, :0], pmax) for p in prefixes]),
-                                torch.cat([left_pad(p[li][1] if p else rv[:, :, :0], pmax) for p in prefixes]))
-                               for li, (rk, rv) in enumerate(ref)])
+        row, col = self.batch.open(n, pmax + tmax)
+        for i, s in enumerate(seqs):  # each row's prompt from the prefix cache, right-aligned at column col + pmax
+            if plen[i]:
+                self.batch.kv[:, :, row + i, :, col + pmax - plen[i]:col + pmax] = self.prompt_kv(s.prompt)
         if tmax:
-            logits, cache = self.forward(ids, mask, pos, past)
+            logits, _ = self.forward(ids, mask, pos, self.batch.view(row, row + n, col, pmax))
             for i, s in enumerate(seqs):
                 if not tlen[i]:  # an empty input continues from its prompt's last virtual token
                     logits[i] = s.prompt.next_logits
         else:  # every row empty: nothing to run, the prefixes are the whole past
-            logits, cache = torch.stack([s.prompt.next_logits for s in seqs]), past
+            logits = torch.stack([s.prompt.next_logits for s in seqs])
         self.stats["prefills"] += 1
         self.stats["prefill_rows"] += n
         self.stats["prompt_tokens"] += sum(tlen)
@@ -198,10 +197,7 @@ class Engine:
                 seed = s.params.seed if s.params.seed is not None else secrets.randbits(63)
                 s.generator = torch.Generator(device=dev).manual_seed(seed)
         tokens = self._sample(seqs, logits)
-        # Padded columns are masked, but must never hold NaN or garbage (0 x NaN is NaN in attention): zero them.
-        layers = [(k * mask[:, None, :, None].to(k.dtype), v * mask[:, None, :, None].to(v.dtype))
-                  for k, v in cache_layers(cache)]
-        self.batch.merge(seqs, layers, mask, torch.tensor([p + t for p, t in zip(plen, tlen)], device=dev))
+        self.batch.join(seqs, mask, torch.tensor([p + t for p, t in zip(plen, tlen)], device=dev))
         self.stats["max_batch_rows"] = max(self.stats["max_batch_rows"], len(self.batch))
         for s, t in zip(seqs, tokens):
             self._advance(s, t)
@@ -230,7 +226,10 @@ class Engine:
 
     def reset(self) -> None:
         """Forget the running batch (after a failed step: its state is unknown)."""
-        self.batch = DecodeBatch()
+        self.batch = self._empty_batch()
+
+    def _empty_batch(self) -> DecodeBatch:
+        return DecodeBatch(*self.base.kv_layout, dtype=self.base.dtype, device=self.base.device)
 
     def run(self, seqs: Iterable[Sequence], max_rows: int = 32) -> None:
         """Decode `seqs` to the end synchronously, at most `max_rows` at a time; a finished row's place goes to the
