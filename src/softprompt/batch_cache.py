@@ -40,7 +40,7 @@ class DecodeBatch:
         cap_rows, cap_cols = self.kv.shape[2], self.kv.shape[4]
         if rows <= cap_rows and cols <= cap_cols and shift == 0:
             return
-        new_rows = max(rows, cap_rows if rows <= cap_rows else 2 * cap_rows, ROWS_MIN)
+        new_rows = max(cap_rows, -(-rows // ROWS_MIN) * ROWS_MIN)  # rows stop at the scheduler's bound: no doubling
         new_cols = max(cols, cap_cols if cols <= cap_cols else 2 * cap_cols, COLS_MIN)
         two, layers, _, heads, _, head_dim = self.kv.shape
         fresh = self.kv.new_zeros(two, layers, new_rows, heads, new_cols, head_dim)
@@ -79,8 +79,8 @@ class DecodeBatch:
 
     def keep(self, indices: list[int]) -> None:
         """Keep only these rows (compacted to the front), and trim leading columns that are padding in all."""
-        if not indices:
-            self.rows, self.width = [], 0
+        if not indices:  # an idle server holds no buffer
+            self.rows, self.width, self.kv = [], 0, self.kv[:, :, :0, :, :0].clone()
             self.mask, self.next_pos = self.mask[:0, :0], self.next_pos[:0]
             return
         n = len(indices)
