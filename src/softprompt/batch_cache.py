@@ -16,6 +16,7 @@ doubling, so copies are rare.
 from __future__ import annotations
 
 import torch
+from transformers.cache_utils import DynamicCache, DynamicLayer
 
 ROWS_MIN, COLS_MIN = 8, 64
 TRIM_AT = 0.25  # drop leading all-padding columns once they are this share of the width (attention cost, no copy)
@@ -109,30 +110,31 @@ class DecodeBatch:
         self.next_pos = self.next_pos + new_tokens
 
 
-def slot_cache(kv: torch.Tensor, rows: slice, first_col: int, past: int):
+class SlotLayer(DynamicLayer):
+    """Layer i's view of the buffer: kv[0|1, i, rows, :, first_col:...]. `update` writes the new states after the
+    past, in place, and returns past + new. (A class at module level: one made per call, closing over the buffer,
+    would be a reference cycle keeping every dead buffer alive until the garbage collector runs.)"""
+
+    def __init__(self, kv: torch.Tensor, i: int, rows: slice, first_col: int, past: int):
+        super().__init__()
+        self.buffer, self.i, self.rows, self.first_col, self.end = kv, i, rows, first_col, first_col + past
+        self.keys = kv[0, i, rows, :, first_col:self.end]
+        self.values = kv[1, i, rows, :, first_col:self.end]
+        self.dtype, self.device, self.is_initialized = kv.dtype, kv.device, True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        end = self.end + key_states.shape[2]
+        kb, vb = self.buffer[0, self.i, self.rows], self.buffer[1, self.i, self.rows]
+        kb[:, :, self.end:end] = key_states
+        vb[:, :, self.end:end] = value_states
+        self.keys, self.values, self.end = kb[:, :, self.first_col:end], vb[:, :, self.first_col:end], end
+        return self.keys, self.values
+
+
+def slot_cache(kv: torch.Tensor, rows: slice, first_col: int, past: int) -> DynamicCache:
     """A DynamicCache whose layer i reads and writes kv[0|1, i, rows, :, first_col:...] in place."""
-    from transformers.cache_utils import DynamicCache, DynamicLayer
-
-    class SlotLayer(DynamicLayer):
-        """One layer's view of the buffer: `update` writes the new states after the past, returns past + new."""
-
-        def __init__(self, i: int):
-            super().__init__()
-            self.keys = kv[0, i, rows, :, first_col:first_col + past]
-            self.values = kv[1, i, rows, :, first_col:first_col + past]
-            self.i, self.end = i, first_col + past
-            self.dtype, self.device, self.is_initialized = kv.dtype, kv.device, True
-
-        def update(self, key_states, value_states, *args, **kwargs):
-            end = self.end + key_states.shape[2]
-            kb, vb = kv[0, self.i, rows], kv[1, self.i, rows]
-            kb[:, :, self.end:end] = key_states
-            vb[:, :, self.end:end] = value_states
-            self.keys, self.values, self.end = kb[:, :, first_col:end], vb[:, :, first_col:end], end
-            return self.keys, self.values
-
     cache = DynamicCache()
-    cache.layers = [SlotLayer(i) for i in range(kv.shape[1])]
+    cache.layers = [SlotLayer(kv, i, rows, first_col, past) for i in range(kv.shape[1])]
     cache.layer_class_to_replicate = None
     return cache
 
