@@ -79,24 +79,30 @@ class DecodeBatch:
     # ---- running rows ----
 
     def keep(self, indices: list[int]) -> None:
-        """Keep only these rows (compacted to the front), and trim leading columns that are padding in all."""
-        if not indices:  # an idle server holds no buffer
-            self.rows, self.width, self.kv = [], 0, self.kv[:, :, :0, :, :0].clone()
+        """Keep only these rows and trim leading columns that are padding in all. Rows that go leave holes, filled
+        by kept rows from the end (one row copied per hole; the order of rows is not kept). Nothing here makes a
+        temporary of the whole cache: one would be a fresh mmap of ~100 MB, page faults included, per retirement."""
+        if not indices:  # the buffer stays for the next requests
+            self.rows, self.width = [], 0
             self.mask, self.next_pos = self.mask[:0, :0], self.next_pos[:0]
             return
         n = len(indices)
-        if indices != list(range(n)):  # move the kept rows to the front (when only the last rows go, nothing moves)
-            idx = torch.tensor(indices, device=self.mask.device)
-            moved = next(i for i, j in enumerate(indices) if i != j)  # rows before it stay where they are
-            self.kv[:, :, moved:n, :, :self.width] = self.kv[:, :, :, :, :self.width].index_select(2, idx[moved:])
-            self.mask, self.next_pos = self.mask.index_select(0, idx), self.next_pos.index_select(0, idx)
-        else:
-            self.mask, self.next_pos = self.mask[:n], self.next_pos[:n]
-        self.rows = [self.rows[i] for i in indices]
+        kept = set(indices)
+        holes = [i for i in range(n) if i not in kept]  # front slots freed by leaving rows
+        movers = [j for j in indices if j >= n]  # kept rows beyond the new end
+        order = list(range(len(self.rows)))
+        for h, j in zip(holes, movers):
+            self.kv[:, :, h, :, :self.width] = self.kv[:, :, j, :, :self.width]
+            order[h] = j
+        order = order[:n]
+        idx = torch.tensor(order, device=self.mask.device)
+        self.mask, self.next_pos = self.mask.index_select(0, idx), self.next_pos.index_select(0, idx)
+        self.rows = [self.rows[i] for i in order]
         first = int(self.mask.any(0).long().argmax())
         if first > TRIM_AT * self.width:
             w = self.width - first
-            self.kv[:, :, :n, :, :w] = self.kv[:, :, :n, :, first:self.width].clone()
+            for layer in self.kv.unbind(1):  # per layer: small temporaries
+                layer[:, :n, :, :w] = layer[:, :n, :, first:self.width].clone()
             self.mask, self.width = self.mask[:, first:], w
 
     def cache(self, new_tokens: int):
