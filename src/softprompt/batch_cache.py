@@ -8,9 +8,9 @@ so its newest token is column width-1:
     [pad | its prompt's virtual tokens | pad | input | generated]     (mask 0 over the pads)
 
 A forward sees the buffer through a cache whose layers write the new states in place and hand back views. Newcomers
-are prefilled straight into rows [n, n+m) of the same buffer (`open`, a forward over `view`, then `join`), and
-moving, widening or dropping rows is one tensor operation for all layers, not one per layer. Room is added by
-doubling, so copies are rare.
+are prefilled straight into rows [n, n+m) of the same buffer (`open`, a forward over `view`, then `join`); a
+leaving row's slot is refilled by one row from the end. Columns are added by doubling and rows in steps of 8 up to
+the scheduler's bound, so reallocations are rare; the buffer is kept while idle.
 """
 
 from __future__ import annotations
