@@ -490,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"unknown task(s): {', '.join(sorted(unknown))}")
     torch.manual_seed(SEED)
     started = time.perf_counter()
-    base = softprompt.load_model(args.model)
+    base = softprompt.load_model(args.model, purpose="train")  # as `softprompt train`: dtype, attention measured
     results: dict[str, Any] = {"command": "python bench/quality.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
                                "hardware": hardware(base), "mode": "smoke" if args.smoke else "quick" if args.quick else "full",
                                "model": base.source, "tasks": []}
