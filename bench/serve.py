@@ -3,7 +3,10 @@ Face `generate` serving the same prompts one request at a time, side by side in 
 
     python bench/serve.py                      # the run recorded in BENCHMARKS.md (~8 min on 2 CPU cores)
     python bench/serve.py --ref 2685d5a        # also a softprompt server from that git commit (before/after)
-    python bench/serve.py --quick              # a smoke run (few requests)
+    python bench/serve.py --quick              # a smoke run (few requests, one round)
+
+Every server is up at once and each backend is measured in each of `--rounds` (3) rounds, the order alternating;
+tokens/s are the rounds' median and the speed-up is taken per round (this machine's speed drifts within minutes).
 
 Both servers load the embedded SmolLM2-135M-Instruct in the dtype `--dtype auto` measures for this machine and the
 same 8 soft prompts, and answer the same `POST /v1/completions` requests (greedy, max_tokens 32):

@@ -58,7 +58,7 @@ class DecodeBatch:
         width = max(w, span)
         self._reserve(n + m, width + 1, shift=width - w)
         self.kv[:, :, n:n + m, :, :width].zero_()
-        self.mask, self.width = left_pad_mask(self.mask, width), width
+        self.mask, self.width = _left_pad_mask(self.mask, width), width
         return n, width - span
 
     def join(self, rows: list, mask: torch.Tensor, next_pos: torch.Tensor) -> None:
@@ -67,7 +67,7 @@ class DecodeBatch:
         c0 = self.width - span
         keep = mask.to(self.kv.dtype)[None, None, :, None, :, None]  # [1, 1, m, 1, span, 1]
         self.kv[:, :, n:n + m, :, c0:self.width] *= keep  # what the forward wrote at padded positions: zero
-        self.mask = torch.cat([self.mask, left_pad_mask(mask, self.width)])
+        self.mask = torch.cat([self.mask, _left_pad_mask(mask, self.width)])
         self.next_pos = torch.cat([self.next_pos, next_pos])
         self.rows = self.rows + list(rows)
 
@@ -154,6 +154,6 @@ def cache_layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(k, v) for k, v, *_ in cache]  # legacy tuple of tuples
 
 
-def left_pad_mask(m: torch.Tensor, width: int) -> torch.Tensor:
+def _left_pad_mask(m: torch.Tensor, width: int) -> torch.Tensor:
     extra = width - m.shape[1]
     return m if extra <= 0 else torch.cat([m.new_zeros(m.shape[0], extra), m], dim=1)
