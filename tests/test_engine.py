@@ -94,3 +94,56 @@ def test_events_stream_the_text_and_stop_rules_differ_by_caller(tiny_base):
             Engine(tiny_base).run([s])
             assert "".join(e.text for e in got if e.kind == "delta") == text[:cut]
             assert s.finish_reason == "stop"
+
+
+def _hf_and_fast_step(base, mask):
+    """One decode step over a random past (3 rows, width 5) by HF's forward and by the written-out step."""
+    from softprompt.model import slot_cache
+    from softprompt.model.decode_step import fast_decode_step
+
+    layers, heads, head_dim = base.kv_layout
+    b, width = mask.shape[0], mask.shape[1] - 1
+    torch.manual_seed(0)
+    kv = torch.randn(2, layers, b + 2, heads, width + 3, head_dim)
+    ids = torch.tensor([[5], [17], [40]])
+    pos = mask.sum(1, keepdim=True) - 1  # positions count real tokens
+    kv_hf, kv_fast = kv.clone(), kv.clone()
+    with torch.inference_mode():
+        hf = base.extend(slot_cache(kv_hf, slice(0, b), 0, width), ids, mask, pos, logits_to_keep=1).logits[:, -1]
+        step = fast_decode_step(base.model)
+        assert step is not None, "the tiny Llama is an architecture the written-out step supports"
+        fast = step(ids, mask, pos, kv_fast, width)
+    return hf, fast, kv, kv_hf, kv_fast
+
+
+def test_the_written_out_decode_step_equals_hf_forward(tiny_base):
+    """Same logits and the same keys/values written (and nothing else touched), padded rows or not."""
+    padded = torch.ones(3, 6, dtype=torch.long)
+    padded[0, :2] = 0
+    padded[2, :1] = 0
+    for mask in (torch.ones(3, 6, dtype=torch.long), padded):
+        hf, fast, before, kv_hf, kv_fast = _hf_and_fast_step(tiny_base, mask)
+        torch.testing.assert_close(fast, hf, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(kv_fast, kv_hf, rtol=1e-5, atol=1e-5)
+        written = torch.zeros_like(before, dtype=torch.bool)
+        written[:, :, :3, :, 5] = True  # column `width` of the 3 rows
+        assert kv_fast[~written].equal(before[~written]) and not kv_fast[written].equal(before[written])
+
+
+def test_the_written_out_step_shares_the_weights_and_steps_aside(tiny_base, monkeypatch):
+    """Fused q/k/v and gate/up are the HF modules' own storage (no second copy of the weights); models it does not
+    write out, and SOFTPROMPT_FAST_DECODE=0, get None (the engine then runs HF's forward)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from softprompt.model.decode_step import fast_decode_step
+
+    with torch.inference_mode():  # where the engine first makes it: the fused weights must still serve training
+        step = fast_decode_step(tiny_base.model)
+    attn = tiny_base.model.model.layers[0].self_attn
+    assert step.qkv[0][0].data_ptr() == attn.q_proj.weight.data_ptr()
+    assert step.qkv[0][0][-attn.v_proj.out_features:].data_ptr() == attn.v_proj.weight.data_ptr()
+    assert not attn.q_proj.weight.requires_grad and not attn.q_proj.weight.is_inference()
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
+    assert fast_decode_step(gpt2) is None
+    monkeypatch.setenv("SOFTPROMPT_FAST_DECODE", "0")
+    assert fast_decode_step(tiny_base.model) is None

@@ -16,7 +16,8 @@ the scheduler's bound, so reallocations are rare; the buffer is kept while idle.
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import DynamicCache, DynamicLayer
+
+from .model import slot_cache
 
 ROWS_MIN, COLS_MIN = 8, 64
 TRIM_AT = 0.25  # drop leading all-padding columns once they are this share of the width (attention cost, no copy)
@@ -105,44 +106,14 @@ class DecodeBatch:
                 layer[:, :n, :, :w] = layer[:, :n, :, first:self.width].clone()
             self.mask, self.width = self.mask[:, first:], w
 
-    def cache(self, new_tokens: int):
-        """A transformers cache over the running rows for a forward adding `new_tokens` columns; `commit` after it."""
+    def grow(self, new_tokens: int) -> None:
+        """Room for the running rows' next `new_tokens` columns (a forward writes them); `commit` after it."""
         self._reserve(len(self.rows), self.width + new_tokens)
-        return self.view(0, len(self.rows), 0, self.width)
 
     def commit(self, new_tokens: int, mask: torch.Tensor) -> None:
         self.width += new_tokens
         self.mask = mask
         self.next_pos = self.next_pos + new_tokens
-
-
-class SlotLayer(DynamicLayer):
-    """Layer i's view of the buffer: kv[0|1, i, rows, :, first_col:...]. `update` writes the new states after the
-    past, in place, and returns past + new. (A class at module level: one made per call, closing over the buffer,
-    would be a reference cycle keeping every dead buffer alive until the garbage collector runs.)"""
-
-    def __init__(self, kv: torch.Tensor, i: int, rows: slice, first_col: int, past: int):
-        super().__init__()
-        self.buffer, self.i, self.rows, self.first_col, self.end = kv, i, rows, first_col, first_col + past
-        self.keys = kv[0, i, rows, :, first_col:self.end]
-        self.values = kv[1, i, rows, :, first_col:self.end]
-        self.dtype, self.device, self.is_initialized = kv.dtype, kv.device, True
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        end = self.end + key_states.shape[2]
-        kb, vb = self.buffer[0, self.i, self.rows], self.buffer[1, self.i, self.rows]
-        kb[:, :, self.end:end] = key_states
-        vb[:, :, self.end:end] = value_states
-        self.keys, self.values, self.end = kb[:, :, self.first_col:end], vb[:, :, self.first_col:end], end
-        return self.keys, self.values
-
-
-def slot_cache(kv: torch.Tensor, rows: slice, first_col: int, past: int) -> DynamicCache:
-    """A DynamicCache whose layer i reads and writes kv[0|1, i, rows, :, first_col:...] in place."""
-    cache = DynamicCache()
-    cache.layers = [SlotLayer(kv, i, rows, first_col, past) for i in range(kv.shape[1])]
-    cache.layer_class_to_replicate = None
-    return cache
 
 
 def cache_layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -130,7 +130,8 @@ class Engine:
     # ---- model work ---------------------------------------------------------------------------------
 
     def forward(self, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache):
-        """Tokens [B, W] behind `cache` (None: nothing before them) -> (last position's logits [B, V], new cache)."""
+        """Prefill: tokens [B, W] behind `cache` (None: nothing before them) -> (last position's logits [B, V], new
+        cache). Decode steps go through `BaseModel.decode_step`, which writes the batch buffer directly."""
         out = self.base.extend(cache, input_ids, mask, positions, **self.base.last_logits_kw())
         return out.logits[:, -1], cache_of(out)
 
@@ -211,7 +212,8 @@ class Engine:
             return
         ids = torch.tensor([s.pending for s in b.rows], dtype=torch.long, device=dev)[:, None]  # [B, 1]
         mask = torch.cat([b.mask, torch.ones(len(b.rows), 1, dtype=b.mask.dtype, device=dev)], dim=1)
-        logits, _ = self.forward(ids, mask, b.next_pos[:, None], b.cache(1))  # writes column `width` in place
+        b.grow(1)
+        logits = self.base.decode_step(ids, mask, b.next_pos[:, None], b.kv, b.width)  # writes column `width`
         b.commit(1, mask)
         self.stats["decode_steps"] += 1
         self.stats["decode_rows"] += len(b.rows)

@@ -25,7 +25,8 @@ import torch.nn.functional as F
 
 from ..errors import SoftPromptError
 from ..precision import DtypeChoice
-from .kv import cache_of, prefix_layer
+from .decode_step import fast_decode_step
+from .kv import cache_of, prefix_layer, slot_cache
 from .loss import head_nll
 
 if TYPE_CHECKING:
@@ -258,6 +259,21 @@ class BaseModel:
         return self.model(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
                           position_ids=position_ids.to(self.device), use_cache=True,
                           **{self.cache_kw: cache}, **kwargs)
+
+    def decode_step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                    kv: torch.Tensor, width: int) -> torch.Tensor:
+        """One new token for each of B rows whose past fills columns [0, width) of the buffer kv [2, layers, >= B,
+        H, > width, D] (rows 0..B-1, `kv_layout`): input_ids [B, 1], attention_mask [B, width + 1], position_ids
+        [B, 1]. Writes the new keys/values to column `width`; returns the logits [B, V]. A written-out step for
+        Llama-family decoders (decode_step.py: same maths, 1.2x), HF's forward for the rest."""
+        if "decode_step" not in self._cache:
+            self._cache["decode_step"] = fast_decode_step(self.model)
+        fast = self._cache["decode_step"]
+        if fast is not None:
+            return fast(input_ids.to(self.device), attention_mask.to(self.device), position_ids.to(self.device), kv, width)
+        out = self.extend(slot_cache(kv, slice(0, input_ids.shape[0]), 0, width), input_ids, attention_mask,
+                          position_ids, **self.last_logits_kw())
+        return out.logits[:, -1]
 
     @property
     def has_plain_kv_cache(self) -> bool:

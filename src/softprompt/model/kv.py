@@ -1,6 +1,7 @@
 """KV-cache pieces on top of transformers' caches: a prefix layer (a prompt's or a shared prefix's keys/values,
-broadcast to the batch and never stored), a cache's rows repeated, and the cache a forward returned under either
-of its names. transformers is imported only when a cache is made.
+broadcast to the batch and never stored), a slot cache (layers reading and writing a preallocated buffer in
+place: the decoding engine's), a cache's rows repeated, and the cache a forward returned under either of its
+names. transformers is imported only when a cache is made.
 """
 
 from __future__ import annotations
@@ -36,6 +37,50 @@ def prefix_layer(keys: torch.Tensor, values: torch.Tensor, batch: int):
 
 
 _PREFIX_LAYER = None
+
+
+def _slot_layer_class():
+    from transformers.cache_utils import DynamicLayer
+
+    class SlotLayer(DynamicLayer):
+        """Layer i's view of a buffer [2, layers, rows, H, cols, D]: kv[0|1, i, rows, :, first_col:...]. `update`
+        writes the new states after the past, in place, and returns past + new. (One class for all calls: a class
+        made per call, closing over the buffer, would be a reference cycle keeping dead buffers alive until the
+        garbage collector runs.)"""
+
+        def __init__(self, kv: torch.Tensor, i: int, rows: slice, first_col: int, past: int):
+            super().__init__()
+            self.buffer, self.i, self.rows, self.first_col, self.end = kv, i, rows, first_col, first_col + past
+            self.keys = kv[0, i, rows, :, first_col:self.end]
+            self.values = kv[1, i, rows, :, first_col:self.end]
+            self.dtype, self.device, self.is_initialized = kv.dtype, kv.device, True
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            end = self.end + key_states.shape[2]
+            kb, vb = self.buffer[0, self.i, self.rows], self.buffer[1, self.i, self.rows]
+            kb[:, :, self.end:end] = key_states
+            vb[:, :, self.end:end] = value_states
+            self.keys, self.values, self.end = kb[:, :, self.first_col:end], vb[:, :, self.first_col:end], end
+            return self.keys, self.values
+
+    return SlotLayer
+
+
+def slot_cache(kv: torch.Tensor, rows: slice, first_col: int, past: int):
+    """A DynamicCache whose layer i reads and writes kv[0|1, i, rows, :, first_col:...] in place: the past is the
+    `past` columns from `first_col`, and a forward appends its new states after them."""
+    from transformers.cache_utils import DynamicCache
+
+    global _SLOT_LAYER
+    if _SLOT_LAYER is None:
+        _SLOT_LAYER = _slot_layer_class()
+    cache = DynamicCache()
+    cache.layers = [_SLOT_LAYER(kv, i, rows, first_col, past) for i in range(kv.shape[1])]
+    cache.layer_class_to_replicate = None
+    return cache
+
+
+_SLOT_LAYER = None
 
 
 def repeat_cache(cache, times: int):
