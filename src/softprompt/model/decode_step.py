@@ -86,14 +86,15 @@ class DecodeStep:
         # As HF's SDPA path: no mask when nothing is padded (kernels with grouped heads), else the query heads of a
         # key/value head side by side as that head's queries, with one mask [B, 1, 1, width + 1] for all.
         attn_mask = None if bool(mask.all()) else mask.bool()[:, None, None, :]
+        all_keys, all_values = kv[0, :, :b, :, :width + 1], kv[1, :, :b, :, :width + 1]  # [layers, B, Hk, width+1, D]
         for i, layer in enumerate(self.layers):
             attn, mlp = layer.self_attn, layer.mlp
             qkv = F.linear(layer.input_layernorm(h), *self.qkv[i]).view(b, 1, hq + 2 * hk, d).transpose(1, 2)
             qk = qkv[:, :hq + hk]  # [B, Hq + Hk, 1, D]: q and k rotated together
             qk = qk * cos + rotate_half(qk) * sin
-            kv[0, i, :b, :, width] = qk[:, hq:, 0]
-            kv[1, i, :b, :, width] = qkv[:, hq + hk:, 0]
-            keys, values = kv[0, i, :b, :, :width + 1], kv[1, i, :b, :, :width + 1]  # [B, Hk, width + 1, D]
+            keys, values = all_keys[i], all_values[i]  # [B, Hk, width + 1, D]
+            keys[:, :, width:] = qk[:, hq:]
+            values[:, :, width:] = qkv[:, hq + hk:]
             if attn_mask is None:
                 out = F.scaled_dot_product_attention(qk[:, :hq], keys, values, scale=attn.scaling,
                                                      enable_gqa=hq != hk)
