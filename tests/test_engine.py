@@ -130,6 +130,31 @@ def test_the_written_out_decode_step_equals_hf_forward(tiny_base):
         assert kv_fast[~written].equal(before[~written]) and not kv_fast[written].equal(before[written])
 
 
+def test_the_written_out_step_matches_qwen2_and_mistral_layers(tiny_base):
+    """The other layer classes it writes out: Qwen2 (q/k/v biases) and Mistral, random tiny models, 8 heads over 2."""
+    from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    from softprompt.model import BaseModel
+
+    shape = dict(vocab_size=tiny_base.vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                 num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=128)
+    padded = torch.ones(3, 6, dtype=torch.long)
+    padded[1, :3] = 0
+    for cls, config in ((Qwen2ForCausalLM, Qwen2Config(**shape)),
+                        (MistralForCausalLM, MistralConfig(**shape, sliding_window=None))):
+        torch.manual_seed(0)
+        model = cls(config).eval()
+        if cls is Qwen2ForCausalLM:
+            assert model.model.layers[0].self_attn.q_proj.bias is not None
+        base = BaseModel(model, tiny_base.tokenizer, cls.__name__)
+        hf, fast, _, kv_hf, kv_fast = _hf_and_fast_step(base, padded)
+        torch.testing.assert_close(fast, hf, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(kv_fast, kv_hf, rtol=1e-5, atol=1e-5)
+    from softprompt.model.decode_step import fast_decode_step
+
+    assert fast_decode_step(MistralForCausalLM(MistralConfig(**shape, sliding_window=4))) is None  # not written out
+
+
 def test_the_written_out_step_shares_the_weights_and_steps_aside(tiny_base, monkeypatch):
     """Fused q/k/v and gate/up are the HF modules' own storage (no second copy of the weights); models it does not
     write out, and SOFTPROMPT_FAST_DECODE=0, get None (the engine then runs HF's forward)."""

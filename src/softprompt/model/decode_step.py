@@ -37,6 +37,9 @@ def fast_decode_step(model) -> DecodeStep | None:
         return None
     if not all(hasattr(backbone, name) for name in ("embed_tokens", "rotary_emb", "norm", "layers")):
         return None
+    config = model.config  # full attention everywhere (Mistral reads its window from the config, Qwen2 per layer)
+    if getattr(config, "sliding_window", None) or set(getattr(config, "layer_types", None) or ()) - {"full_attention"}:
+        return None
     for layer in backbone.layers:
         if type(layer).__name__ not in LAYERS:
             return None
@@ -44,8 +47,8 @@ def fast_decode_step(model) -> DecodeStep | None:
         linears = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
         if any(type(x) is not torch.nn.Linear for x in linears):  # quantised, LoRA-wrapped, ...
             return None
-        if len({x.bias is None for x in linears[:3]}) > 1 or mlp.gate_proj.bias is not None or mlp.up_proj.bias is not None:
-            return None
+        if len({x.bias is None for x in linears[:3]}) > 1 or any(x.bias is not None for x in linears[4:6]):
+            return None  # fused biases: q/k/v all or none, gate/up none
         if getattr(attn, "sliding_window", None) or abs(attn.scaling - attn.head_dim ** -0.5) > 1e-9:
             return None
     if any(hasattr(m, "_hf_hook") for m in model.modules()):  # accelerate's offloading moves weights in hooks
