@@ -1,9 +1,9 @@
 """`BaseModel`: a frozen model, and the ONE place where soft prompts meet it.
 
 Everything else goes through `prepend_prompts` and `sequence_nll` / `BaseModel.forward` (training, scoring), or
-runs tokens behind the keys/values those leave with `extend` (the decoding engine under generate, eval and serve:
-a prompt's cache is `forward(prepend_prompts(empty input, prompt))`), so there is a single definition of what prompt
-tuning computes:
+runs tokens behind the keys/values those leave with `extend` and `decode_step` (the decoding engine under generate,
+eval and serve: a prompt's cache is `forward(prepend_prompts(empty input, prompt))`), so there is a single
+definition of what prompt tuning computes:
 
     row layout after injection:  [pad ... pad | virtual tokens | input tokens]
     position ids count real tokens only, so a row's result does not depend on its batch's padding.
