@@ -175,7 +175,7 @@ METHODS = {
     "P-tuning (MLP reparam.)": {"reparam": "mlp", "lr": 0.01},
     "residual prompt tuning": {"reparam": "residual", "lr": 0.01},
 }
-METHOD_TASKS = ("sst2", "rte", "boolq", "cb", "e2e")
+METHOD_TASKS = ("sst2", "rte", "boolq", "cb", "e2e", "prompts", "quotes")
 TRANSFER = {"rte": "sst2"}  # SPoT: the target's prompt starts from the source task's softprompt (same --output)
 
 
