@@ -10,8 +10,8 @@ is exactly
 
 (Llama, Mistral, Qwen2 and their fine-tunes; checked by class below), this step runs the same operations in the
 same order on the same weights, reading and writing the engine's KV buffer [2, layers, rows, H, cols, D] in place:
-1.2x a batch-32 step of SmolLM2-135M here (BENCHMARKS.md, Serving), logits and cache equal to HF's forward (tests).
-Any other model, HF attention other than SDPA, quantised or hooked (offloaded) layers, or
+1.12x a batch-32 decode step of SmolLM2-135M here (BENCHMARKS.md, Serving), logits and cache equal to HF's
+forward (tests). Any other model, HF attention other than SDPA, quantised or hooked (offloaded) layers, or
 SOFTPROMPT_FAST_DECODE=0: `fast_decode_step` returns None and the engine uses HF's forward.
 
 The fused q/k/v and gate/up weights are one tensor each; the HF modules' weights are re-pointed to row slices of
