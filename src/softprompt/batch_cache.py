@@ -116,15 +116,6 @@ class DecodeBatch:
         self.next_pos = self.next_pos + new_tokens
 
 
-def cache_layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per layer (keys, values), each [B, H, L, D], from a transformers cache (4.56+ / 5.x Cache objects)."""
-    if hasattr(cache, "layers"):
-        return [(layer.keys, layer.values) for layer in cache.layers]
-    if hasattr(cache, "key_cache"):
-        return list(zip(cache.key_cache, cache.value_cache))
-    return [(k, v) for k, v, *_ in cache]  # legacy tuple of tuples
-
-
 def _left_pad_mask(m: torch.Tensor, width: int) -> torch.Tensor:
     extra = width - m.shape[1]
     return m if extra <= 0 else torch.cat([m.new_zeros(m.shape[0], extra), m], dim=1)

@@ -28,9 +28,9 @@ from typing import Callable, Iterable
 
 import torch
 
-from .batch_cache import DecodeBatch, cache_layers
+from .batch_cache import DecodeBatch
 from .errors import SoftPromptError
-from .model import BaseModel, cache_of
+from .model import BaseModel, cache_layers, cache_of
 from .sampling import SamplingParams, eos_ids, find_stop, greedy_and_finite, held_back, pick_token
 
 log = logging.getLogger("softprompt.engine")

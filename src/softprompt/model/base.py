@@ -269,10 +269,10 @@ class BaseModel:
         if "decode_step" not in self._cache:
             self._cache["decode_step"] = fast_decode_step(self.model)
         fast = self._cache["decode_step"]
+        ids, mask, pos = input_ids.to(self.device), attention_mask.to(self.device), position_ids.to(self.device)
         if fast is not None:
-            return fast(input_ids.to(self.device), attention_mask.to(self.device), position_ids.to(self.device), kv, width)
-        out = self.extend(slot_cache(kv, slice(0, input_ids.shape[0]), 0, width), input_ids, attention_mask,
-                          position_ids, **self.last_logits_kw())
+            return fast(ids, mask, pos, kv, width)
+        out = self.extend(slot_cache(kv, slice(0, ids.shape[0]), 0, width), ids, mask, pos, **self.last_logits_kw())
         return out.logits[:, -1]
 
     @property

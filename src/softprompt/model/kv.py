@@ -1,7 +1,7 @@
 """KV-cache pieces on top of transformers' caches: a prefix layer (a prompt's or a shared prefix's keys/values,
 broadcast to the batch and never stored), a slot cache (layers reading and writing a preallocated buffer in
-place: the decoding engine's), a cache's rows repeated, and the cache a forward returned under either of its
-names. transformers is imported only when a cache is made.
+place: the decoding engine's), a cache's rows repeated, the cache a forward returned under either of its
+names, and its (keys, values) per layer. transformers is imported only when a cache is made.
 """
 
 from __future__ import annotations
@@ -97,3 +97,12 @@ def cache_of(out):
     """The cache a forward returned (`cache` since transformers 5.2x, `past_key_values` before)."""
     cache = getattr(out, "cache", None)
     return cache if cache is not None else getattr(out, "past_key_values", None)
+
+
+def cache_layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer (keys, values), each [B, H, L, D], from a transformers cache (4.56+ / 5.x Cache objects)."""
+    if hasattr(cache, "layers"):
+        return [(layer.keys, layer.values) for layer in cache.layers]
+    if hasattr(cache, "key_cache"):
+        return list(zip(cache.key_cache, cache.value_cache))
+    return [(k, v) for k, v, *_ in cache]  # legacy tuple of tuples
