@@ -179,6 +179,9 @@ METHOD_TASKS = ("sst2", "rte", "boolq", "cb", "e2e", "prompts", "quotes")
 TRANSFER = {"rte": "sst2"}  # SPoT: the target's prompt starts from the source task's softprompt (same --output)
 
 
+DEFAULTS = False  # --defaults: set once in main()
+
+
 def train_softprompt(base, task: Task, train_file: Path, out: Path, budget: Budget, snapshots: int,
                      **method) -> dict[str, Any]:
     """softprompt with its defaults (TrainConfig) plus `method`'s flags, `budget.steps` steps; snapshots of the
@@ -192,16 +195,19 @@ def train_softprompt(base, task: Task, train_file: Path, out: Path, budget: Budg
 
     kw = dict(input_template=task.input_template, output_template=task.output_template, label_map=task.label_map,
               chat=task.chat, system=task.system)
+    if DEFAULTS:  # as the plain command: the trainer decides chat format and prompt kind for the model and rows
+        kw = {k: v for k, v in kw.items() if k not in ("chat", "system")}
     if task.kind == "lm":
         kw = dict(lm=True, output_template=task.output_template)
     result = softprompt.train(data=str(train_file), output=str(out), overwrite=True, base=base, steps=budget.steps,
                               batch_size=budget.batch_size, progress=False, seed=SEED,
-                              init_text=task.instruction, on_step=on_step, **kw, **{**task.flags, **method})
+                              init_text=task.instruction, on_step=on_step, **kw,
+                              **{**({} if DEFAULTS else task.flags), **method})
     m = result.metrics
     seen.append((m["steps"], m["wall_time_s"], result.prompt.embeddings.detach().clone()))
     return {"prompt": result.prompt, "wall_s": m["wall_time_s"], "steps": m["steps"], "examples": m["examples_seen"],
             "snapshots": seen, "config": {k: result.prompt.meta["training"].get(k) for k in
-                                          ("virtual_tokens", "init", "deep", "reparam", "lr", "schedule", "warmup",
+                                          ("virtual_tokens", "init", "chat", "deep", "reparam", "lr", "schedule", "warmup",
                                            "batch_size")}}
 
 
@@ -309,6 +315,8 @@ def run_task(base, task: Task, data_dir: Path, out: Path, budget: Budget, model_
 
     sp = train_softprompt(base, task, train_file, folder / "softprompt", budget, snaps)
     print(f"[{task.name}] softprompt: {sp['steps']} steps in {sp['wall_s']:.0f}s", file=sys.stderr, flush=True)
+    if DEFAULTS and task.kind != "lm":  # every system gets the rows in the format the trainer chose
+        template = Template.from_dict(sp["prompt"].meta["template"])
     max_length = min(512, base.max_positions - 20)
     # PEFT trains the same tokens softprompt trains (an LM text's first token too: its prompt sits in front).
     examples = Encoder(base.tokenizer, template, max_length=max_length, score_first=True).encode_rows(train_rows, str(train_file))
@@ -478,7 +486,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="PEFT may train this many times softprompt's wall-clock (time-to-accuracy runs; default 1)")
     p.add_argument("--curve-rows", type=int, default=300,
                    help="evaluation rows for the curve's intermediate points (the final points use every row)")
+    p.add_argument("--defaults", action="store_true",
+                   help="the softprompt row as the plain command trains it: chat format and prompt kind decided by "
+                        "the trainer (not the task's fixed plain template); every system gets that format")
     args = p.parse_args(argv)
+    global DEFAULTS
+    DEFAULTS = args.defaults
     if args.peft_time <= 0 or args.curve_rows <= 0:
         p.error("--peft-time and --curve-rows must be positive")
     data_dir, out = Path(args.data_dir), Path(args.output)

@@ -96,41 +96,60 @@ def test_events_stream_the_text_and_stop_rules_differ_by_caller(tiny_base):
             assert s.finish_reason == "stop"
 
 
-def _hf_and_fast_step(base, mask):
-    """One decode step over a random past (3 rows, width 5) by HF's forward and by the written-out step."""
+def _hf_and_fast(base, mask, new_tokens=1):
+    """`new_tokens` tokens for each of 3 rows (rows 1-3 of a random buffer, their span from column 1; `mask` [3, past
+    + new_tokens]) by HF's forward over a slot cache and by the written-out forward. Returns both logits, the
+    buffer before, after each, and where the written-out forward must have written (the real new tokens)."""
     from softprompt.model import slot_cache
-    from softprompt.model.decode_step import fast_decode_step
+    from softprompt.model.fast_forward import fast_forward
 
     layers, heads, head_dim = base.kv_layout
-    b, width = mask.shape[0], mask.shape[1] - 1
+    b, w = mask.shape[0], new_tokens
+    past = mask.shape[1] - w
     torch.manual_seed(0)
-    kv = torch.randn(2, layers, b + 2, heads, width + 3, head_dim)
-    ids = torch.tensor([[5], [17], [40]])
-    pos = mask.sum(1, keepdim=True) - 1  # positions count real tokens
+    kv = torch.randn(2, layers, b + 2, heads, mask.shape[1] + 3, head_dim, dtype=base.dtype)
+    ids = torch.randint(3, base.vocab_size, (b, w))
+    pos = (mask.cumsum(1) - 1).clamp(min=0)[:, past:]  # positions count real tokens
+    rows, first = slice(1, 1 + b), 1
     kv_hf, kv_fast = kv.clone(), kv.clone()
     with torch.inference_mode():
-        hf = base.extend(slot_cache(kv_hf, slice(0, b), 0, width), ids, mask, pos, logits_to_keep=1).logits[:, -1]
-        step = fast_decode_step(base.model)
-        assert step is not None, "the tiny Llama is an architecture the written-out step supports"
-        fast = step(ids, mask, pos, kv_fast, width)
-    return hf, fast, kv, kv_hf, kv_fast
+        hf = base.extend(slot_cache(kv_hf, rows, first, past), ids, mask, pos, logits_to_keep=1).logits[:, -1]
+        forward = fast_forward(base.model)
+        assert forward is not None, "an architecture the written-out forward supports"
+        fast = forward(ids, mask, pos, kv_fast, rows, first, past)
+    written = torch.zeros_like(kv, dtype=torch.bool)
+    for r in range(b):
+        for j in range(w):
+            if mask[r, past + j]:
+                written[:, :, 1 + r, :, first + past + j] = True
+    return hf, fast, kv, kv_hf, kv_fast, written
 
 
-def test_the_written_out_decode_step_equals_hf_forward(tiny_base):
-    """Same logits and the same keys/values written (and nothing else touched), padded rows or not."""
+def _check_against_hf(base, mask, new_tokens=1, tol=1e-5):
+    hf, fast, before, kv_hf, kv_fast, written = _hf_and_fast(base, mask, new_tokens)
+    fed = mask[:, -1].bool()  # rows with a token in their last column (a prefill row may have no input at all)
+    torch.testing.assert_close(fast[fed], hf[fed], rtol=tol, atol=tol)
+    torch.testing.assert_close(kv_fast[written], kv_hf[written], rtol=tol, atol=tol)
+    assert kv_fast[~written].equal(before[~written]), "only the real new tokens' columns are written"
+    assert not kv_fast[written].equal(before[written])
+
+
+def test_the_written_out_forward_equals_hf_forward(tiny_base):
+    """Same logits and the same keys/values written (and nothing else touched): decode steps with padded rows or
+    not, and prefills of several tokens behind a past (a prompt) or none, dense or left-padded."""
     padded = torch.ones(3, 6, dtype=torch.long)
     padded[0, :2] = 0
     padded[2, :1] = 0
-    for mask in (torch.ones(3, 6, dtype=torch.long), padded):
-        hf, fast, before, kv_hf, kv_fast = _hf_and_fast_step(tiny_base, mask)
-        torch.testing.assert_close(fast, hf, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(kv_fast, kv_hf, rtol=1e-5, atol=1e-5)
-        written = torch.zeros_like(before, dtype=torch.bool)
-        written[:, :, :3, :, 5] = True  # column `width` of the 3 rows
-        assert kv_fast[~written].equal(before[~written]) and not kv_fast[written].equal(before[written])
+    for mask in (torch.ones(3, 6, dtype=torch.long), padded):  # decode steps: past 5, one token
+        _check_against_hf(tiny_base, mask)
+    prefill = torch.tensor([[0, 1, 1, 0, 0, 1, 1],  # [pad | prompt (3 columns) | pad | input (4 columns)]
+                            [1, 1, 1, 1, 1, 1, 1],
+                            [0, 0, 0, 0, 1, 1, 1]])
+    for mask, w in ((torch.ones(3, 7, dtype=torch.long), 4), (prefill, 4), (prefill[:, 3:], 4), (padded, 3)):
+        _check_against_hf(tiny_base, mask, new_tokens=w)
 
 
-def test_the_written_out_step_matches_qwen2_and_mistral_layers(tiny_base):
+def test_the_written_out_forward_matches_qwen2_and_mistral_layers(tiny_base):
     """The other layer classes it writes out: Qwen2 (q/k/v biases) and Mistral, random tiny models, 8 heads over 2."""
     from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
@@ -147,28 +166,28 @@ def test_the_written_out_step_matches_qwen2_and_mistral_layers(tiny_base):
         if cls is Qwen2ForCausalLM:
             assert model.model.layers[0].self_attn.q_proj.bias is not None
         base = BaseModel(model, tiny_base.tokenizer, cls.__name__)
-        hf, fast, _, kv_hf, kv_fast = _hf_and_fast_step(base, padded)
-        torch.testing.assert_close(fast, hf, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(kv_fast, kv_hf, rtol=1e-5, atol=1e-5)
-    from softprompt.model.decode_step import fast_decode_step
+        _check_against_hf(base, padded)
+        _check_against_hf(base, padded, new_tokens=3)
+    from softprompt.model.fast_forward import fast_forward
 
-    assert fast_decode_step(MistralForCausalLM(MistralConfig(**shape, sliding_window=4))) is None  # not written out
+    assert fast_forward(MistralForCausalLM(MistralConfig(**shape, sliding_window=4))) is None  # not written out
 
 
-def test_the_written_out_step_shares_the_weights_and_steps_aside(tiny_base, monkeypatch):
+def test_the_written_out_forward_shares_the_weights_and_steps_aside(tiny_base, monkeypatch):
     """Fused q/k/v and gate/up are the HF modules' own storage (no second copy of the weights); models it does not
     write out, and SOFTPROMPT_FAST_DECODE=0, get None (the engine then runs HF's forward)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from softprompt.model.decode_step import fast_decode_step
+    from softprompt.model.fast_forward import fast_forward
 
     with torch.inference_mode():  # where the engine first makes it: the fused weights must still serve training
-        step = fast_decode_step(tiny_base.model)
+        step = fast_forward(tiny_base.model)
     attn = tiny_base.model.model.layers[0].self_attn
     assert step.qkv[0][0].data_ptr() == attn.q_proj.weight.data_ptr()
     assert step.qkv[0][0][-attn.v_proj.out_features:].data_ptr() == attn.v_proj.weight.data_ptr()
     assert not attn.q_proj.weight.requires_grad and not attn.q_proj.weight.is_inference()
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
-    assert fast_decode_step(gpt2) is None
+    assert fast_forward(gpt2) is None
     monkeypatch.setenv("SOFTPROMPT_FAST_DECODE", "0")
-    assert fast_decode_step(tiny_base.model) is None
+    assert fast_forward(tiny_base.model) is None
+

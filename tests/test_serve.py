@@ -167,19 +167,19 @@ def test_a_failing_step_fails_only_its_sequences(base, prompt_objs, monkeypatch)
     ok = Sequence(ids_of(base, TEXTS[0]), greedy(8), e, ok_events.append)
     sched.submit(ok)
     sched.step()
-    real = sched.engine.forward
+    real = base.forward_in_place
 
-    def broken(ids, mask, pos, cache):
+    def broken(ids, *rest):
         if ids.shape[1] > 1:  # prefills only
             raise RuntimeError("boom")
-        return real(ids, mask, pos, cache)
+        return real(ids, *rest)
 
-    monkeypatch.setattr(sched.engine, "forward", broken)
+    monkeypatch.setattr(base, "forward_in_place", broken)
     bad = Sequence(ids_of(base, TEXTS[1]), greedy(8), None, bad_events.append)
     sched.submit(bad)
     sched.step()
     assert bad_events[-1].kind == "error" and bad_events[-1].status == 500 and "boom" in bad_events[-1].text
-    monkeypatch.setattr(sched.engine, "forward", real)
+    monkeypatch.setattr(base, "forward_in_place", real)
     sched.run_until_idle()
     assert ok.generated == reference(base, TEXTS[0], prompt_objs["mid"], 8) and ok_events[-1].kind == "finish"
     # a failing decode step fails the running batch, and the scheduler serves the next request normally

@@ -7,8 +7,8 @@ so its newest token is column width-1:
 
     [pad | its prompt's virtual tokens | pad | input | generated]     (mask 0 over the pads)
 
-A forward sees the buffer through a cache whose layers write the new states in place and hand back views. Newcomers
-are prefilled straight into rows [n, n+m) of the same buffer (`open`, a forward over `view`, then `join`); a
+The model writes new states into it in place (`BaseModel.forward_in_place`). Newcomers are prefilled straight
+into rows [n, n+m) of the same buffer (`open`, a forward over those rows, then `join`); a
 leaving row's slot is refilled by one row from the end. Columns are added by doubling and rows in steps of 8 up to
 the scheduler's bound, so reallocations are rare; the buffer is kept while idle.
 """
@@ -16,8 +16,6 @@ the scheduler's bound, so reallocations are rare; the buffer is kept while idle.
 from __future__ import annotations
 
 import torch
-
-from .model import slot_cache
 
 ROWS_MIN, COLS_MIN = 8, 64
 TRIM_AT = 0.25  # drop leading all-padding columns once they are this share of the width (attention cost, no copy)
@@ -71,11 +69,6 @@ class DecodeBatch:
         self.mask = torch.cat([self.mask, _left_pad_mask(mask, self.width)])
         self.next_pos = torch.cat([self.next_pos, next_pos])
         self.rows = self.rows + list(rows)
-
-    def view(self, first_row: int, end_row: int, first_col: int, past: int):
-        """A transformers cache over rows [first_row, end_row) of the buffer whose past is the `past` columns from
-        `first_col`; a forward appends its new states after them, in place."""
-        return slot_cache(self.kv, slice(first_row, end_row), first_col, past)
 
     # ---- running rows ----
 

@@ -129,12 +129,6 @@ class Engine:
 
     # ---- model work ---------------------------------------------------------------------------------
 
-    def forward(self, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache):
-        """Prefill: tokens [B, W] behind `cache` (None: nothing before them) -> (last position's logits [B, V], new
-        cache). Decode steps go through `BaseModel.decode_step`, which writes the batch buffer directly."""
-        out = self.base.extend(cache, input_ids, mask, positions, **self.base.last_logits_kw())
-        return out.logits[:, -1], cache_of(out)
-
     def prompt_kv(self, entry: PromptEntry) -> torch.Tensor:
         """The keys/values [2, layers, H, P, D] a prompt leaves at positions 0..P-1, computed once per entry (the
         prefix cache). A deep prompt IS keys/values: they are only laid out. The prompt meets the model through
@@ -181,8 +175,8 @@ class Engine:
         for i, s in enumerate(seqs):  # each row's prompt from the prefix cache, right-aligned at column col + pmax
             if plen[i]:
                 self.batch.kv[:, :, row + i, :, col + pmax - plen[i]:col + pmax] = self.prompt_kv(s.prompt)
-        if tmax:
-            logits, _ = self.forward(ids, mask, pos, self.batch.view(row, row + n, col, pmax))
+        if tmax:  # writes columns [col + pmax, col + pmax + tmax) of the new rows
+            logits = self.base.forward_in_place(ids, mask, pos, self.batch.kv, slice(row, row + n), col, pmax)
             for i, s in enumerate(seqs):
                 if not tlen[i]:  # an empty input continues from its prompt's last virtual token
                     logits[i] = s.prompt.next_logits

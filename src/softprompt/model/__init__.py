@@ -1,7 +1,7 @@
 """The frozen base model, by job: `load` (what the user typed -> a loaded model: resolving, device, dtype,
 quantisation), `base` (`BaseModel`: the ONE place a prompt meets the model, `prepend_prompts` + `sequence_nll`),
 `loss` (the LM-head NLL fast path), `kv` (KV-cache pieces: prefix layers, slot caches, repeated rows) and
-`decode_step` (one decode step written out for Llama-family decoders).
+`fast_forward` (the forward of new tokens behind a KV buffer, written out for Llama-family decoders).
 """
 
 from .base import BaseModel, Prompted, SharedPrefix, split_prompts, stack_prompts

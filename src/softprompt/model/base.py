@@ -1,7 +1,7 @@
 """`BaseModel`: a frozen model, and the ONE place where soft prompts meet it.
 
 Everything else goes through `prepend_prompts` and `sequence_nll` / `BaseModel.forward` (training, scoring), or
-runs tokens behind the keys/values those leave with `extend` and `decode_step` (the decoding engine under generate,
+runs tokens behind the keys/values those leave with `extend` and `forward_in_place` (the decoding engine under generate,
 eval and serve: a prompt's cache is `forward(prepend_prompts(empty input, prompt))`), so there is a single
 definition of what prompt tuning computes:
 
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from ..errors import SoftPromptError
 from ..precision import DtypeChoice
-from .decode_step import fast_decode_step
+from .fast_forward import fast_forward
 from .kv import cache_of, prefix_layer, slot_cache
 from .loss import head_nll
 
@@ -260,20 +260,28 @@ class BaseModel:
                           position_ids=position_ids.to(self.device), use_cache=True,
                           **{self.cache_kw: cache}, **kwargs)
 
-    def decode_step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-                    kv: torch.Tensor, width: int) -> torch.Tensor:
-        """One new token for each of B rows whose past fills columns [0, width) of the buffer kv [2, layers, >= B,
-        H, > width, D] (rows 0..B-1, `kv_layout`): input_ids [B, 1], attention_mask [B, width + 1], position_ids
-        [B, 1]. Writes the new keys/values to column `width`; returns the logits [B, V]. A written-out step for
-        Llama-family decoders (decode_step.py: same maths, ~1.1x a step), HF's forward for the rest."""
-        if "decode_step" not in self._cache:
-            self._cache["decode_step"] = fast_decode_step(self.model)
-        fast = self._cache["decode_step"]
+    def forward_in_place(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                         kv: torch.Tensor, rows: slice, first_col: int, past: int) -> torch.Tensor:
+        """Run W new tokens for each of B rows of the buffer kv [2, layers, rows, H, cols, D] (`kv_layout`) whose
+        past fills the `past` columns from `first_col`: input_ids [B, W] (left-padded), attention_mask [B, past + W],
+        position_ids [B, W]. Writes the new keys/values to the next W columns; returns each row's last-column
+        logits [B, V]. Written out for Llama-family decoders (fast_forward.py: same maths, padding skipped), HF's
+        forward over a slot cache for the rest."""
+        if "fast_forward" not in self._cache:
+            self._cache["fast_forward"] = fast_forward(self.model)
+        fast = self._cache["fast_forward"]
         ids, mask, pos = input_ids.to(self.device), attention_mask.to(self.device), position_ids.to(self.device)
         if fast is not None:
-            return fast(ids, mask, pos, kv, width)
-        out = self.extend(slot_cache(kv, slice(0, ids.shape[0]), 0, width), ids, mask, pos, **self.last_logits_kw())
+            return fast(ids, mask, pos, kv, rows, first_col, past)
+        out = self.extend(slot_cache(kv, rows, first_col, past), ids, mask, pos, **self.last_logits_kw())
         return out.logits[:, -1]
+
+    def decode_step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                    kv: torch.Tensor, width: int) -> torch.Tensor:
+        """One new token [B, 1] for each of rows 0..B-1 whose past fills columns [0, width): written to column
+        `width`; the logits [B, V]."""
+        return self.forward_in_place(input_ids, attention_mask, position_ids, kv, slice(0, input_ids.shape[0]), 0,
+                                     width)
 
     @property
     def has_plain_kv_cache(self) -> bool:
