@@ -8,6 +8,7 @@ softprompt's evaluator on the same examples.
     python bench/quality.py --smoke --model DIR --data-dir DIR   # CI: a few steps on tiny data
     python bench/quality.py --tasks sst2,rte --methods             # + one row per method (deep, P-tuning, ...)
     python bench/quality.py --tasks sst2-chat --peft-time 1.6 --curve-rows 500   # time to accuracy
+    python bench/quality.py --defaults      # every task in the format the plain `softprompt train` picks
 
 Data comes from ../shared/data (relative to the repo root; override with --data-dir or $SOFTPROMPT_DATA) and
 is never copied into the repository: seeded subsets are written under --output (default runs/bench).

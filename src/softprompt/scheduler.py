@@ -45,8 +45,8 @@ class Scheduler:
         self.max_running = max_running
         self.max_waiting = max_waiting
         self.max_prefill_tokens = max_prefill_tokens
-        # A prefill is a forward of its own, costing about one decode step whatever its size: while others decode,
-        # newcomers wait (up to `prefill_wait_steps` steps) for a group of `prefill_group` to share one.
+        # Newcomers join in a decode step's pass, each joining step a longer pass: while others decode, they wait
+        # (up to `prefill_wait_steps` steps) for a group of `prefill_group` to join together.
         self.prefill_wait_steps = prefill_wait_steps
         self.prefill_group = max(1, max_running // 8)
         self._waited = 0  # decode steps the oldest waiting sequence has waited

@@ -1,6 +1,6 @@
 """The forward of new tokens behind a KV buffer, written out for Llama-family decoders: HF's maths without the
 generality of its forward. The decoding engine's decode steps (one token per row) and prefills (a row's input
-behind its prompt's cached keys/values) both run here.
+behind its prompt's cached keys/values) both run here, together in one pass when newcomers join running rows.
 
 Why: a forward of a small model on CPU is much fixed cost (module calls, mask building, cache bookkeeping), HF
 runs q/k/v as three GEMMs and gate/up as two where one each does the same work, and a prefill of rows of unequal
@@ -11,7 +11,8 @@ length computes their padding too. For decoders whose layer is exactly
 
 (Llama, Mistral, Qwen2 and their fine-tunes; checked by class below), this runs the same operations in the same
 order on the same weights, reading and writing the engine's KV buffer [2, layers, rows, H, cols, D] in place;
-padding tokens of a prefill are left out of every GEMM. Measured in BENCHMARKS.md (Serving); logits and cache
+padding tokens of a prefill are left out of every GEMM, and several blocks of rows (a decode step's, a prefill's)
+share one pass of the weights. Measured in BENCHMARKS.md (Serving); logits and cache
 equal HF's forward (tests). Any other model, HF attention other than SDPA, quantised or hooked (offloaded)
 layers, or SOFTPROMPT_FAST_DECODE=0: `fast_forward` returns None and the engine uses HF's forward.
 
