@@ -4,6 +4,7 @@ Whatever the engine does for speed (prefix cache, one batch for every prompt, ro
 retired rows and trimmed columns), each row's tokens must be what the naive loop gives for that row alone.
 """
 
+import pytest
 import torch
 
 from softprompt import SoftPrompt
@@ -30,7 +31,11 @@ def _rows(base):
     return [base.tokenizer(t)["input_ids"] for t in texts]
 
 
-def test_continuous_batching_equals_the_naive_oracle_row_by_row(tiny_base, monkeypatch):
+@pytest.mark.parametrize("forward", ["written-out", "hf"])
+def test_continuous_batching_equals_the_naive_oracle_row_by_row(tiny_base, monkeypatch, forward):
+    """Both forwards under the engine: the written-out one, and HF's over a slot cache (other architectures)."""
+    if forward == "hf":
+        monkeypatch.setitem(tiny_base._cache, "fast_forward", None)
     torch.manual_seed(0)
     shallow = SoftPrompt.initialise(tiny_base, 5, "random", seed=1).embeddings.detach()
     deep = torch.randn(3, *tiny_base.kv_shape) * 0.2
