@@ -210,7 +210,7 @@ class Engine:
             self.add(newcomers)
             self.decode()
             return
-        self._decoded(block.mask, logits[0], retire=False)
+        self._decoded(block.mask, logits[0])
         self._join(prefill, logits[1] if prefill.block is not None else
                    torch.stack([s.prompt.next_logits for s in newcomers]))
         self.retire()
@@ -272,7 +272,7 @@ class Engine:
         mask = torch.cat([b.mask, torch.ones(len(b.rows), 1, dtype=b.mask.dtype, device=dev)], dim=1)
         return NewTokens(ids, mask, b.next_pos[:, None], slice(0, len(b.rows)), 0, b.width)
 
-    def _decoded(self, mask: torch.Tensor, logits: torch.Tensor, retire: bool = True) -> None:
+    def _decoded(self, mask: torch.Tensor, logits: torch.Tensor) -> None:
         """The running rows' decode logits [B, V]: the batch takes the new column; sample and advance each row."""
         b = self.batch
         rows = list(b.rows)
@@ -281,8 +281,6 @@ class Engine:
         self.stats["decode_rows"] += len(rows)
         for s, t in zip(rows, self._sample(rows, logits)):
             self._advance(s, t)
-        if retire:
-            self.retire()
 
     def retire(self) -> None:
         """Drop finished rows from the batch."""
