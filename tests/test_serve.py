@@ -136,6 +136,20 @@ def test_an_empty_input_continues_from_the_prompt_alone_and_in_a_mixed_batch(bas
     assert mixed[0].generated == want["mid"] and mixed[3].generated == want["long"]
     assert mixed[1].generated == reference(base, TEXTS[0], prompt_objs["long"], 6)
     assert mixed[2].generated == reference(base, TEXTS[1], None, 6)
+    sched = Scheduler(base, autostart=False)  # joining running rows in their decode pass: all empty, then mixed
+    running = Sequence(ids_of(base, TEXTS[2]), greedy(12), e["short"], lambda ev: None)
+    sched.submit(running)
+    sched.step()
+    empties = [Sequence([], greedy(6), e[n], lambda ev: None) for n in ("mid", "long")]
+    sched.submit(empties)
+    sched.step()
+    late = [Sequence([], greedy(6), e["short"], lambda ev: None),
+            Sequence(ids_of(base, TEXTS[3]), greedy(6), e["mid"], lambda ev: None)]
+    sched.submit(late)
+    sched.run_until_idle()
+    assert [s.generated for s in empties] == [want["mid"], want["long"]] and late[0].generated == want["short"]
+    assert late[1].generated == reference(base, TEXTS[3], prompt_objs["mid"], 6)
+    assert running.generated == reference(base, TEXTS[2], prompt_objs["short"], 12)
 
 
 def test_sampling_seeded_and_stop_strings_in_scheduler(base, prompt_objs):
