@@ -1,0 +1,120 @@
+"""In-process A/B of the decoding engine's passes, alternating in one process (this machine's speed drifts by
++-25 % within minutes, so only side-by-side numbers mean anything). The embedded model and the 8 prompts of
+`bench/serve.py` (made under --out if missing); requests as bench/serve.py sends them.
+
+    python bench/engine_ab.py prefill   # newcomers prefilled into a running batch of 32: HF forward vs written out
+    python bench/engine_ab.py joint     # 32 in-process clients, 96 requests: prefill and decode passes apart vs
+                                        # joint, and joint with --prefill-wait-steps 0 (the scheduler's own loop)
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from serve import MAX_TOKENS, make_prompts, request_for  # noqa: E402
+
+from softprompt import SoftPrompt, load_model  # noqa: E402
+from softprompt.engine import Engine, PromptEntry, Sequence  # noqa: E402
+from softprompt.model.fast_forward import fast_forward  # noqa: E402
+from softprompt.sampling import SamplingParams  # noqa: E402
+from softprompt.scheduler import Scheduler  # noqa: E402
+
+
+def prefill_ab(base, entries, rounds: int) -> None:
+    def seqs(n, first):
+        return [Sequence(base.tokenizer(t).input_ids, SamplingParams(max_tokens=10**6, temperature=0), entries[p])
+                for p, t in (request_for(i) for i in range(first, first + n))]
+
+    fast, times = fast_forward(base.model), {}
+    with torch.inference_mode():
+        for r in range(rounds):
+            for n in (32, 8, 2):
+                for mode in ("hf", "written out") if r % 2 == 0 else ("written out", "hf"):
+                    base._cache["fast_forward"] = fast if mode == "written out" else None
+                    engine = Engine(base)
+                    engine.add(seqs(32, 100))  # a running batch, as in serving
+                    t = time.perf_counter()
+                    engine.add(seqs(n, r * 7))
+                    times.setdefault((n, mode), []).append(1000 * (time.perf_counter() - t))
+    base._cache["fast_forward"] = fast
+    for (n, mode), ms in sorted(times.items()):
+        print(f"prefill of {n:2d} rows, {mode:11s}: median {statistics.median(ms):6.1f} ms  ({', '.join(f'{x:.0f}' for x in ms)})")
+
+
+def clients(base, entries, mode: str, wait: int, n_requests: int = 96, concurrency: int = 32) -> float:
+    """The scheduler's own loop on this thread, `concurrency` client threads each submitting its next request when
+    the last one finished: generated tokens/s."""
+    sched = Scheduler(base, max_running=32, prefill_wait_steps=wait, autostart=False)
+    engine = sched.engine
+    if mode == "apart":  # the engine before joint passes: a prefill pass, then a decode pass
+        def step(newcomers):
+            if newcomers:
+                engine.add(newcomers)
+            engine.decode()
+        engine.step = step
+    todo, lock, tokens, done, left = iter(range(n_requests)), threading.Lock(), [0], threading.Event(), [n_requests]
+
+    def client():
+        while True:
+            with lock:
+                i = next(todo, None)
+            if i is None:
+                return
+            prompt, text = request_for(i)
+            finished = threading.Event()
+
+            def sink(event):
+                if event.kind == "finish":
+                    tokens[0] += event.completion_tokens
+                    finished.set()
+            sched.submit(Sequence(base.tokenizer(text).input_ids, SamplingParams(max_tokens=MAX_TOKENS, temperature=0),
+                                  entries[prompt], sink, stream=False))
+            finished.wait()
+            with lock:
+                left[0] -= 1
+                if not left[0]:
+                    done.set()
+
+    start = time.perf_counter()
+    for _ in range(concurrency):
+        threading.Thread(target=client, daemon=True).start()
+    sched.run_forever(alive=lambda: not done.is_set())
+    return tokens[0] / (time.perf_counter() - start)
+
+
+def joint_ab(base, entries, rounds: int) -> None:
+    modes = [("apart", 4), ("joint", 4), ("joint", 0)]
+    clients(base, entries, "joint", 0, 16, 8)  # warm-up
+    rates: dict = {}
+    for r in range(rounds):
+        for mode in modes if r % 2 == 0 else modes[::-1]:
+            rates.setdefault(mode, []).append(clients(base, entries, *mode))
+        print(f"round {r}: " + ", ".join(f"{m} wait {w}: {v[-1]:.1f} tok/s" for (m, w), v in rates.items()), flush=True)
+    for (mode, wait), v in rates.items():
+        print(f"{mode:5s} --prefill-wait-steps {wait}: median {statistics.median(v):.1f} tok/s")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("what", choices=["prefill", "joint"])
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--out", default="runs/bench-serve")
+    args = ap.parse_args()
+    out = Path(args.out)
+    make_prompts(out)
+    base = load_model(None)
+    entries = {p.name: PromptEntry(p.name, SoftPrompt.load(p, base).embeddings.to(base.dtype))
+               for p in sorted((out / "prompts").iterdir())}
+    (prefill_ab if args.what == "prefill" else joint_ab)(base, entries, args.rounds)
+
+
+if __name__ == "__main__":
+    main()
