@@ -3,8 +3,8 @@
 `bench/serve.py` (made under --out if missing); requests as bench/serve.py sends them.
 
     python bench/engine_ab.py prefill   # newcomers prefilled into a running batch of 32: HF forward vs written out
-    python bench/engine_ab.py joint     # 32 in-process clients, 96 requests: prefill and decode passes apart vs
-                                        # joint, and joint with --prefill-wait-steps 0 (the scheduler's own loop)
+    python bench/engine_ab.py clients   # 32 in-process clients, 96 requests, the scheduler's own loop (no HTTP):
+                                        # tokens/s with --prefill-wait-steps 4 (the default) and 0
 """
 
 from __future__ import annotations
@@ -49,17 +49,10 @@ def prefill_ab(base, entries, rounds: int) -> None:
         print(f"prefill of {n:2d} rows, {mode:11s}: median {statistics.median(ms):6.1f} ms  ({', '.join(f'{x:.0f}' for x in ms)})")
 
 
-def clients(base, entries, mode: str, wait: int, n_requests: int = 96, concurrency: int = 32) -> float:
+def clients(base, entries, wait: int, n_requests: int = 96, concurrency: int = 32) -> float:
     """The scheduler's own loop on this thread, `concurrency` client threads each submitting its next request when
     the last one finished: generated tokens/s."""
     sched = Scheduler(base, max_running=32, prefill_wait_steps=wait, autostart=False)
-    engine = sched.engine
-    if mode == "apart":  # the engine before joint passes: a prefill pass, then a decode pass
-        def step(newcomers):
-            if newcomers:
-                engine.add(newcomers)
-            engine.decode()
-        engine.step = step
     todo, lock, tokens, done, left = iter(range(n_requests)), threading.Lock(), [0], threading.Event(), [n_requests]
 
     def client():
@@ -90,21 +83,20 @@ def clients(base, entries, mode: str, wait: int, n_requests: int = 96, concurren
     return tokens[0] / (time.perf_counter() - start)
 
 
-def joint_ab(base, entries, rounds: int) -> None:
-    modes = [("apart", 4), ("joint", 4), ("joint", 0)]
-    clients(base, entries, "joint", 0, 16, 8)  # warm-up
-    rates: dict = {}
+def clients_ab(base, entries, rounds: int) -> None:
+    clients(base, entries, 0, 16, 8)  # warm-up
+    rates: dict = {4: [], 0: []}
     for r in range(rounds):
-        for mode in modes if r % 2 == 0 else modes[::-1]:
-            rates.setdefault(mode, []).append(clients(base, entries, *mode))
-        print(f"round {r}: " + ", ".join(f"{m} wait {w}: {v[-1]:.1f} tok/s" for (m, w), v in rates.items()), flush=True)
-    for (mode, wait), v in rates.items():
-        print(f"{mode:5s} --prefill-wait-steps {wait}: median {statistics.median(v):.1f} tok/s")
+        for wait in (4, 0) if r % 2 == 0 else (0, 4):
+            rates[wait].append(clients(base, entries, wait))
+        print(f"round {r}: " + ", ".join(f"wait {w}: {v[-1]:.1f} tok/s" for w, v in rates.items()), flush=True)
+    for wait, v in rates.items():
+        print(f"--prefill-wait-steps {wait}: median {statistics.median(v):.1f} tok/s")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["prefill", "joint"])
+    ap.add_argument("what", choices=["prefill", "clients"])
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--out", default="runs/bench-serve")
     args = ap.parse_args()
@@ -113,7 +105,7 @@ def main() -> None:
     base = load_model(None)
     entries = {p.name: PromptEntry(p.name, SoftPrompt.load(p, base).embeddings.to(base.dtype))
                for p in sorted((out / "prompts").iterdir())}
-    (prefill_ab if args.what == "prefill" else joint_ab)(base, entries, args.rounds)
+    (prefill_ab if args.what == "prefill" else clients_ab)(base, entries, args.rounds)
 
 
 if __name__ == "__main__":
