@@ -25,7 +25,7 @@ import random
 import shlex
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -69,7 +69,8 @@ class Task:
     smoke: Budget = field(default_factory=lambda: Budget(3, 4, 12))
     peft: str = "clm"  # clm: PEFT's causal-LM prompt-tuning guide; tutorial: the awesome-prompts/quotes tutorial
     note: str = ""
-    chat: bool = False  # inputs in the tokenizer's chat template (every system: same tokenised examples)
+    chat: bool | None = False  # inputs in the tokenizer's chat template (every system: same tokenised examples);
+    # None: as the plain command, the trainer decides (then every system gets the format it chose)
     system: str | None = None  # the chat system message
     flags: dict[str, Any] = field(default_factory=dict)  # the softprompt row's settings beyond the defaults
     in_all: bool = True  # part of `--tasks all`
@@ -180,9 +181,6 @@ METHOD_TASKS = ("sst2", "rte", "boolq", "cb", "e2e", "prompts", "quotes")
 TRANSFER = {"rte": "sst2"}  # SPoT: the target's prompt starts from the source task's softprompt (same --output)
 
 
-DEFAULTS = False  # --defaults: set once in main()
-
-
 def train_softprompt(base, task: Task, train_file: Path, out: Path, budget: Budget, snapshots: int,
                      **method) -> dict[str, Any]:
     """softprompt with its defaults (TrainConfig) plus `method`'s flags, `budget.steps` steps; snapshots of the
@@ -196,14 +194,11 @@ def train_softprompt(base, task: Task, train_file: Path, out: Path, budget: Budg
 
     kw = dict(input_template=task.input_template, output_template=task.output_template, label_map=task.label_map,
               chat=task.chat, system=task.system)
-    if DEFAULTS:  # as the plain command: the trainer decides chat format and prompt kind for the model and rows
-        kw = {k: v for k, v in kw.items() if k not in ("chat", "system")}
     if task.kind == "lm":
         kw = dict(lm=True, output_template=task.output_template)
     result = softprompt.train(data=str(train_file), output=str(out), overwrite=True, base=base, steps=budget.steps,
                               batch_size=budget.batch_size, progress=False, seed=SEED,
-                              init_text=task.instruction, on_step=on_step, **kw,
-                              **{**({} if DEFAULTS else task.flags), **method})
+                              init_text=task.instruction, on_step=on_step, **kw, **{**task.flags, **method})
     m = result.metrics
     seen.append((m["steps"], m["wall_time_s"], result.prompt.embeddings.detach().clone()))
     return {"prompt": result.prompt, "wall_s": m["wall_time_s"], "steps": m["steps"], "examples": m["examples_seen"],
@@ -316,7 +311,7 @@ def run_task(base, task: Task, data_dir: Path, out: Path, budget: Budget, model_
 
     sp = train_softprompt(base, task, train_file, folder / "softprompt", budget, snaps)
     print(f"[{task.name}] softprompt: {sp['steps']} steps in {sp['wall_s']:.0f}s", file=sys.stderr, flush=True)
-    if DEFAULTS and task.kind != "lm":  # every system gets the rows in the format the trainer chose
+    if task.chat is None and task.kind != "lm":  # every system gets the rows in the format the trainer chose
         template = Template.from_dict(sp["prompt"].meta["template"])
     max_length = min(512, base.max_positions - 20)
     # PEFT trains the same tokens softprompt trains (an LM text's first token too: its prompt sits in front).
@@ -491,8 +486,6 @@ def main(argv: list[str] | None = None) -> int:
                    help="the softprompt row as the plain command trains it: chat format and prompt kind decided by "
                         "the trainer (not the task's fixed plain template); every system gets that format")
     args = p.parse_args(argv)
-    global DEFAULTS
-    DEFAULTS = args.defaults
     if args.peft_time <= 0 or args.curve_rows <= 0:
         p.error("--peft-time and --curve-rows must be positive")
     data_dir, out = Path(args.data_dir), Path(args.output)
@@ -512,6 +505,8 @@ def main(argv: list[str] | None = None) -> int:
     for task in TASKS:
         if task.name not in wanted:
             continue
+        if args.defaults:  # the plain command's decisions: format and prompt kind, no task-specific flags
+            task = replace(task, chat=None, system=None, flags={})
         budget = task.smoke if args.smoke else task.quick if args.quick else task.full
         steps = args.steps.get(task.name, args.steps.get("*"))
         if steps:
