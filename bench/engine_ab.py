@@ -5,6 +5,9 @@
     python bench/engine_ab.py prefill   # newcomers prefilled into a running batch of 32: HF forward vs written out
     python bench/engine_ab.py clients   # 32 in-process clients, 96 requests, the scheduler's own loop (no HTTP):
                                         # tokens/s with --prefill-wait-steps 4 (the default) and 0
+    python bench/engine_ab.py draft     # would prompt-lookup speculative decoding pay here? Tokens a forward would
+                                        # yield on the bench's greedy outputs, against what a forward of W tokens
+                                        # per row costs
 """
 
 from __future__ import annotations
@@ -94,9 +97,71 @@ def clients_ab(base, entries, rounds: int) -> None:
         print(f"--prefill-wait-steps {wait}: median {statistics.median(v):.1f} tok/s")
 
 
+def lookup_yield(seqs, k: int, n_max: int = 3) -> tuple[float, float]:
+    """Prompt-lookup drafting replayed on finished greedy sequences: each step drafts the k tokens that followed the
+    latest earlier occurrence of the context's last n tokens (n = n_max..1), a forward checks them, and the row
+    gains the agreeing prefix plus one token. Returns (tokens per forward, share of forwards with a draft)."""
+    forwards = tokens = drafted = 0
+    for s in seqs:
+        gen = s.generated
+        if not gen:
+            continue
+        ctx, i = list(s.input_ids) + gen[:1], 1  # the first token comes from the prefill
+        while i < len(gen):
+            draft = []
+            for n in range(min(n_max, len(ctx) - 1), 0, -1):
+                tail = ctx[-n:]
+                j = next((j for j in range(len(ctx) - n - 1, -1, -1) if ctx[j:j + n] == tail), None)
+                if j is not None:
+                    draft = ctx[j + n:j + n + k]
+                    break
+            agree = 0
+            while agree < len(draft) and i + agree < len(gen) and draft[agree] == gen[i + agree]:
+                agree += 1
+            gain = min(agree + 1, len(gen) - i)
+            ctx += gen[i:i + gain]
+            i, tokens, forwards, drafted = i + gain, tokens + gain, forwards + 1, drafted + bool(draft)
+    return tokens / forwards, drafted / forwards
+
+
+def draft_ab(base, entries, rounds: int) -> None:
+    seqs = [Sequence(base.tokenizer(t).input_ids, SamplingParams(max_tokens=MAX_TOKENS, temperature=0), entries[p])
+            for p, t in (request_for(i) for i in range(96))]
+    Engine(base).run(seqs)
+    fast, head = fast_forward(base.model), base.model.get_output_embeddings()
+    layers, heads, dim = base.kv_layout
+    rows, past = 32, 64
+    kv = torch.randn(2, layers, rows, heads, past + 8, dim, dtype=base.dtype) * 0.1
+    plans = {1: lookup_yield(seqs, 0)} | {k + 1: lookup_yield(seqs, k) for k in (1, 2, 3)}  # W -> (yield, share)
+    times: dict = {}
+    with torch.inference_mode():
+        for r in range(rounds):
+            for w in plans if r % 2 == 0 else list(plans)[::-1]:
+                ids = torch.randint(0, 1000, (rows, w))
+                mask = torch.ones(rows, past + w, dtype=torch.long)
+                mask[:round(rows * (1 - plans[w][1])), past:past + w - 1] = 0  # rows without a draft feed 1 token
+                extra = torch.randn(int(mask[:, past:].sum()) - rows, base.model.config.hidden_size, dtype=base.dtype)
+                pos = torch.arange(past, past + w).expand(rows, w)
+
+                def forward():  # every fed token's logits are checked: the LM head runs on all of them
+                    fast(ids, mask, pos, kv, slice(0, rows), 0, past)
+                    if len(extra):
+                        head(extra).float().argmax(-1)
+                forward()
+                t = time.perf_counter()
+                for _ in range(4):
+                    forward()
+                times.setdefault(w, []).append((time.perf_counter() - t) / 4)
+    one = statistics.median(times[1])
+    for w, (gain, share) in plans.items():
+        cost = statistics.median(times[w]) / one
+        print(f"W={w} ({w - 1} drafted, {share:.0%} of forwards draft): {gain:.2f} tokens a forward, forward cost "
+              f"{cost:.2f}x, net {gain / cost:.2f}x")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["prefill", "clients"])
+    ap.add_argument("what", choices=["prefill", "clients", "draft"])
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--out", default="runs/bench-serve")
     args = ap.parse_args()
@@ -105,7 +170,7 @@ def main() -> None:
     base = load_model(None)
     entries = {p.name: PromptEntry(p.name, SoftPrompt.load(p, base).embeddings.to(base.dtype))
                for p in sorted((out / "prompts").iterdir())}
-    (prefill_ab if args.what == "prefill" else clients_ab)(base, entries, args.rounds)
+    {"prefill": prefill_ab, "clients": clients_ab, "draft": draft_ab}[args.what](base, entries, args.rounds)
 
 
 if __name__ == "__main__":

@@ -146,3 +146,21 @@ def test_non_positive_time_or_rows_is_refused_by_name(quality, tmp_path, capsys,
         quality.main([flag, "0", "--data-dir", str(tmp_path), "--output", str(tmp_path / "bench")])
     assert "--peft-time and --curve-rows must be positive" in capsys.readouterr().err
     assert not (tmp_path / "bench").exists()  # refused before anything ran
+
+
+def test_prompt_lookup_replay_counts_tokens_per_forward():
+    """bench/engine_ab.py draft: the yield of prompt-lookup drafting, replayed by hand on a short sequence."""
+    from types import SimpleNamespace
+
+    spec = importlib.util.spec_from_file_location("bench_engine_ab", ROOT / "bench" / "engine_ab.py")
+    engine_ab = importlib.util.module_from_spec(spec)
+    saved = list(sys.path)
+    try:
+        spec.loader.exec_module(engine_ab)  # it puts bench/ on sys.path for its `serve` helpers
+    finally:
+        sys.path[:] = saved
+    s = SimpleNamespace(input_ids=[1, 2, 3, 1, 2], generated=[3, 1, 2, 3, 9])
+    # forward 1: context ..1 2 3, whose last trigram follows the start: draft [1, 2], both right, +3 tokens;
+    # forward 2: draft [1, 2] again, the model says 9: +1 token. 4 tokens after the prefill's in 2 forwards.
+    assert engine_ab.lookup_yield([s], k=2) == (2.0, 1.0)
+    assert engine_ab.lookup_yield([s], k=0) == (1.0, 0.0)  # no drafts: one token a forward
