@@ -56,3 +56,46 @@ def test_train_eval_generate_export_on_the_embedded_model(smol_base, tmp_path):
         finally:
             smol_base.model = wrapped.get_base_model()  # PEFT prompt tuning adds no layers; unwrap for later tests
     assert torch.allclose(ours, theirs, atol=1e-3)
+
+
+def _same_model(a, b) -> None:
+    sa, sb = a.model.state_dict(), b.model.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    x = a.tokenizer("The capital of France is", return_tensors="pt")
+    assert x.input_ids.tolist() == b.tokenizer("The capital of France is", return_tensors="pt").input_ids.tolist()
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    assert a.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == \
+        b.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    with torch.no_grad():
+        assert torch.equal(a.model(**x).logits, b.model(**x).logits)  # non-persistent buffers (RoPE) too
+    assert a.fingerprint() == b.fingerprint()
+
+
+def test_gguf_is_dequantised_once_then_loaded_as_a_folder(smol_base, tmp_path, monkeypatch):
+    from softprompt import load_model
+    from softprompt.model import load
+
+    monkeypatch.setenv("SOFTPROMPT_CACHE_DIR", str(tmp_path))
+    first = load_model(None, dtype="float32", device="cpu")
+    (folder,) = (tmp_path / "gguf").iterdir()
+    assert (folder / "model.safetensors").is_file() and not list((tmp_path / "gguf").glob(".converting-*"))
+    _same_model(first, smol_base)
+
+    def no_second_conversion(*args):
+        raise AssertionError("converted again")
+    monkeypatch.setattr(load, "convert_gguf", no_second_conversion)
+    again = load_model(None, dtype="float32", device="cpu")
+    assert again.model.config._name_or_path == str(folder)
+    _same_model(again, smol_base)
+
+
+def test_an_unwritable_cache_loads_the_gguf_file_itself(smol_base, tmp_path, monkeypatch, caplog):
+    from softprompt import load_model
+
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    monkeypatch.setenv("SOFTPROMPT_CACHE_DIR", str(blocker))  # mkdir under a file fails
+    with caplog.at_level("WARNING", logger="softprompt.load"):
+        base = load_model(None, dtype="float32", device="cpu")
+    assert "could not keep the converted model" in caplog.text
+    _same_model(base, smol_base)

