@@ -74,7 +74,7 @@ def converted_folder(gguf: Path) -> Path:
 
 def convert_gguf(folder: str, gguf_file: str, out: Path, trust_remote_code: bool) -> None:
     """Dequantise a GGUF file (float32) into a plain Hugging Face folder, atomically: transformers parses a GGUF
-    file once each for the config, the tokenizer and the weights (20-40 s for the 135M model on a 2-core CPU),
+    file four times (config twice, tokenizer, weights: 20-40 s for the 135M model on a 2-core CPU),
     while the folder loads in about a second. A failure to write (disk full, read-only cache) costs only the
     speed-up; one to read the file is left to the caller's load, which reports it."""
     from safetensors.torch import save_model
