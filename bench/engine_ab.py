@@ -31,10 +31,15 @@ from softprompt.sampling import SamplingParams  # noqa: E402
 from softprompt.scheduler import Scheduler  # noqa: E402
 
 
+def greedy_requests(base, entries, n: int, first: int = 0, max_tokens: int = MAX_TOKENS) -> list[Sequence]:
+    """Requests first..first+n-1 as bench/serve.py sends them, greedy."""
+    return [Sequence(base.tokenizer(t).input_ids, SamplingParams(max_tokens=max_tokens, temperature=0), entries[p])
+            for p, t in (request_for(i) for i in range(first, first + n))]
+
+
 def prefill_ab(base, entries, rounds: int) -> None:
     def seqs(n, first):
-        return [Sequence(base.tokenizer(t).input_ids, SamplingParams(max_tokens=10**6, temperature=0), entries[p])
-                for p, t in (request_for(i) for i in range(first, first + n))]
+        return greedy_requests(base, entries, n, first, max_tokens=10**6)
 
     fast, times = fast_forward(base.model), {}
     with torch.inference_mode():
@@ -125,8 +130,7 @@ def lookup_yield(seqs, k: int, n_max: int = 3) -> tuple[float, float]:
 
 
 def draft_ab(base, entries, rounds: int) -> None:
-    seqs = [Sequence(base.tokenizer(t).input_ids, SamplingParams(max_tokens=MAX_TOKENS, temperature=0), entries[p])
-            for p, t in (request_for(i) for i in range(96))]
+    seqs = greedy_requests(base, entries, 96)
     Engine(base).run(seqs)
     fast, head = fast_forward(base.model), base.model.get_output_embeddings()
     layers, heads, dim = base.kv_layout

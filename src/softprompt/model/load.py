@@ -83,15 +83,14 @@ def convert_gguf(folder: str, gguf_file: str, out: Path, trust_remote_code: bool
     while the folder loads in about a second. A failure to write (disk full, read-only cache) costs only the
     speed-up; one to read the file is left to the caller's load, which reports it."""
     from safetensors.torch import save_model
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     tmp = None
     try:
         kwargs = {"gguf_file": gguf_file, "trust_remote_code": trust_remote_code}
         config = AutoConfig.from_pretrained(folder, **kwargs)
-        auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
         tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
-        hf_model = auto.from_pretrained(folder, config=config, dtype=torch.float32, **kwargs)
+        hf_model = auto_class(config).from_pretrained(folder, config=config, dtype=torch.float32, **kwargs)
     except (OSError, ValueError):
         return
     try:
@@ -113,6 +112,13 @@ def convert_gguf(folder: str, gguf_file: str, out: Path, trust_remote_code: bool
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def auto_class(config: Any):
+    """The transformers auto class that loads a model of this config: seq2seq or causal LM."""
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    return AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -164,7 +170,7 @@ def load_model(
     `quantize="8bit"|"4bit"` stores the frozen weights quantised with bitsandbytes on CUDA (the QLoRA idea
     applied to prompt tuning: the prompt and activations stay in bf16/fp32).
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     name_or_path, gguf_file = resolve_model(model)
@@ -189,7 +195,7 @@ def load_model(
         torch_dtype, choice = pick_dtype(dtype, dev, config, purpose)
         if quantize:
             kwargs["quantization_config"] = _bnb_config(quantize, dev, torch_dtype)
-        auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+        auto = auto_class(config)
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
         hf_model = auto.from_pretrained(name_or_path, dtype=torch_dtype, **kwargs)
     except (OSError, ValueError) as e:
