@@ -89,6 +89,23 @@ def test_gguf_is_dequantised_once_then_loaded_as_a_folder(smol_base, tmp_path, m
     _same_model(again, smol_base)
 
 
+def test_a_damaged_converted_folder_falls_back_to_the_gguf_file_and_is_removed(smol_base, tmp_path, monkeypatch,
+                                                                                caplog):
+    from softprompt import load_model
+    from softprompt.model import load
+
+    monkeypatch.setenv("SOFTPROMPT_CACHE_DIR", str(tmp_path))
+    folder = load.converted_folder(load.embedded_model_file())
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(smol_base.model.config.to_dict()))
+    (folder / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\"")  # truncated
+    with caplog.at_level("WARNING", logger="softprompt.load"):
+        base = load_model(None, dtype="float32", device="cpu")
+    assert "loading the GGUF file itself and removing" in caplog.text and str(folder) in caplog.text
+    assert not folder.exists()  # converted again by the next load
+    _same_model(base, smol_base)
+
+
 @pytest.mark.parametrize("why", ["unwritable cache", "large file"])
 def test_the_gguf_file_itself_is_loaded_when_it_is_not_converted(smol_base, tmp_path, monkeypatch, caplog, why):
     from softprompt import load_model

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from ..errors import SoftPromptError
 from ..precision import NAMES, DtypeChoice, cache_dir, choose_dtype
@@ -32,6 +33,10 @@ EMBEDDED_ALIASES = (None, "", "default", "embedded", EMBEDDED_MODEL, EMBEDDED_MO
 GGUF_CACHE_MAX_BYTES = 512 * 2**20
 
 log = logging.getLogger("softprompt.load")
+
+
+class UnreadableModel(SoftPromptError):
+    """The model's files could not be read (missing, damaged, not a model)."""
 
 
 def embedded_model_file() -> Path:
@@ -170,7 +175,6 @@ def load_model(
     `quantize="8bit"|"4bit"` stores the frozen weights quantised with bitsandbytes on CUDA (the QLoRA idea
     applied to prompt tuning: the prompt and activations stay in bf16/fp32).
     """
-    from transformers import AutoConfig, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     name_or_path, gguf_file = resolve_model(model)
@@ -188,22 +192,34 @@ def load_model(
             if not (converted / "config.json").is_file():
                 convert_gguf(name_or_path, gguf_file, converted, trust_remote_code)
             if (converted / "config.json").is_file():
-                name_or_path, gguf_file = str(converted), None
-        if gguf_file:  # large, or the cache could not be written: the GGUF file itself
-            kwargs["gguf_file"] = gguf_file
+                try:
+                    return _load(model, str(converted), None, dev, dtype, purpose, quantize, kwargs)
+                except UnreadableModel as e:  # damaged (by hand, a full disk): the file itself, and convert anew
+                    log.warning("%s; loading the GGUF file itself and removing %s (converted again next time)", e,
+                                converted)
+                    shutil.rmtree(converted, ignore_errors=True)
+        return _load(model, name_or_path, gguf_file, dev, dtype, purpose, quantize, kwargs)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        hf_logging.enable_progress_bar()
+
+
+def _load(model, name_or_path: str, gguf_file: str | None, dev: torch.device, dtype: str, purpose: str,
+          quantize: str | None, kwargs: dict[str, Any]) -> BaseModel:
+    """`load_model` from a resolved folder or hub id (and GGUF file name, if loading one)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    kwargs = {**kwargs, **({"gguf_file": gguf_file} if gguf_file else {})}
+    try:
         config = AutoConfig.from_pretrained(name_or_path, **kwargs)
         torch_dtype, choice = pick_dtype(dtype, dev, config, purpose)
         if quantize:
             kwargs["quantization_config"] = _bnb_config(quantize, dev, torch_dtype)
-        auto = auto_class(config)
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
-        hf_model = auto.from_pretrained(name_or_path, dtype=torch_dtype, **kwargs)
-    except (OSError, ValueError) as e:
+        hf_model = auto_class(config).from_pretrained(name_or_path, dtype=torch_dtype, **kwargs)
+    except (OSError, ValueError, SafetensorError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise SoftPromptError(f"could not load model {str(model or EMBEDDED_MODEL)!r}: {first}") from None
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        hf_logging.enable_progress_bar()
+        raise UnreadableModel(f"could not load model {str(model or EMBEDDED_MODEL)!r}: {first}") from None
     if not quantize:  # bitsandbytes places quantised weights itself
         hf_model.to(dev)
     hf_model.eval()
