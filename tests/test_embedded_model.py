@@ -79,6 +79,7 @@ def test_gguf_is_dequantised_once_then_loaded_as_a_folder(smol_base, tmp_path, m
     first = load_model(None, dtype="float32", device="cpu")
     (folder,) = (tmp_path / "gguf").iterdir()
     assert (folder / "model.safetensors").is_file() and not list((tmp_path / "gguf").glob(".converting-*"))
+    assert json.loads((folder / load.SOURCE_FILE).read_text())["gguf"] == str(load.embedded_model_file().resolve())
     _same_model(first, smol_base)
 
     def no_second_conversion(*args):

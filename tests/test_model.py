@@ -110,6 +110,37 @@ def test_unloadable_model_folder_is_a_clear_error(tmp_path):
         load_model(str(tmp_path / "junk"))
 
 
+def test_converted_gguf_folders_of_gone_or_replaced_files_are_pruned(tmp_path):
+    """After a conversion, folders whose GGUF file is gone or was replaced go, as do conversions that died over a
+    day ago; the file's folder for another transformers version, folders without a recorded source and a
+    conversion still under way stay."""
+    import json
+    import os
+    import time
+
+    from softprompt.model.load import SOURCE_FILE, gguf_source, prune_converted
+
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF" + bytes(60))
+    cache = tmp_path / "gguf"
+
+    def folder(name, source=None):
+        (cache / name).mkdir(parents=True)
+        if source is not None:
+            (cache / name / SOURCE_FILE).write_text(json.dumps(source))
+        return cache / name
+
+    current = folder("m-current", gguf_source(gguf))
+    other_version = folder("m-other", {**gguf_source(gguf), "transformers": "0.0.1"})
+    gone = folder("x-gone", {**gguf_source(gguf), "gguf": str(tmp_path / "deleted.gguf")})
+    replaced = folder("m-replaced", {**gguf_source(gguf), "mtime_ns": gguf_source(gguf)["mtime_ns"] - 10**9})
+    unknown, fresh_tmp, dead_tmp = folder("someone-elses"), folder(".converting-new"), folder(".converting-old")
+    os.utime(dead_tmp, (time.time() - 2 * 86400,) * 2)
+    prune_converted(current)
+    assert {p.name for p in cache.iterdir()} == {x.name for x in (current, other_version, unknown, fresh_tmp)}
+    assert not gone.exists() and not replaced.exists()
+
+
 def test_quantize_needs_cuda_and_bitsandbytes(tiny_model_dir):
     with pytest.raises(SoftPromptError, match="needs a CUDA device"):
         load_model(str(tiny_model_dir), device="cpu", quantize="4bit")

@@ -7,10 +7,12 @@ from __future__ import annotations
 import copy
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -72,14 +74,50 @@ def resolve_model(model: str | os.PathLike | None) -> tuple[str, str | None]:
     return text, None  # a hub id
 
 
-def converted_folder(gguf: Path) -> Path:
-    """Where the Hugging Face folder converted from a GGUF file is kept (the user's cache folder, see precision.py):
-    one per file version and transformers version, since the conversion is transformers' own."""
+def gguf_source(gguf: Path) -> dict:
+    """What a converted folder was made from: the file's version and the transformers that converted it."""
     import transformers
 
     st = gguf.stat()
-    key = f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}|{transformers.__version__}"
+    return {"gguf": str(gguf.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+            "transformers": transformers.__version__}
+
+
+def converted_folder(gguf: Path) -> Path:
+    """Where the Hugging Face folder converted from a GGUF file is kept (the user's cache folder, see precision.py):
+    one per file version and transformers version, since the conversion is transformers' own."""
+    source = gguf_source(gguf)
+    key = f"{source['gguf']}|{source['size']}|{source['mtime_ns']}|{source['transformers']}"
     return cache_dir() / "gguf" / f"{gguf.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
+SOURCE_FILE = "softprompt-source.json"
+STALE_TMP_SECONDS = 24 * 3600
+
+
+def prune_converted(keep: Path) -> None:
+    """Remove converted folders no one can use any more: their GGUF file is gone or was replaced (another size or
+    time), and conversions that died half-way over a day ago. Folders of the same file made by another
+    transformers version stay: another environment may load them."""
+    try:
+        folders = list(keep.parent.iterdir())
+    except OSError:
+        return
+    for folder in folders:
+        if folder == keep or not folder.is_dir():
+            continue
+        if folder.name.startswith(".converting-"):
+            stale = time.time() - folder.stat().st_mtime > STALE_TMP_SECONDS
+        else:
+            try:
+                source = json.loads((folder / SOURCE_FILE).read_text())
+                gguf = Path(source["gguf"])
+                stale = not gguf.is_file() or (gguf.stat().st_size, gguf.stat().st_mtime_ns) != (
+                    source["size"], source["mtime_ns"])
+            except (OSError, ValueError, KeyError, TypeError):
+                continue  # not ours, or from before the source was recorded: left alone
+        if stale:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def convert_gguf(folder: str, gguf_file: str, out: Path, trust_remote_code: bool) -> None:
@@ -109,6 +147,7 @@ def convert_gguf(folder: str, gguf_file: str, out: Path, trust_remote_code: bool
         hf_model.generation_config.save_pretrained(tmp)
         save_model(hf_model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         tokenizer.save_pretrained(tmp)
+        (tmp / SOURCE_FILE).write_text(json.dumps(gguf_source(Path(folder) / gguf_file)))
         os.rename(tmp, out)  # whole or absent; another process may have won the race: then its copy stays
         tmp = None
     except (OSError, ValueError, RuntimeError) as e:
@@ -117,6 +156,8 @@ def convert_gguf(folder: str, gguf_file: str, out: Path, trust_remote_code: bool
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
+    if out.is_dir():
+        prune_converted(out)
 
 
 def auto_class(config: Any):
