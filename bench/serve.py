@@ -1,7 +1,7 @@
 """Serving benchmark: `softprompt serve` (mixed-prompt continuous batching on the decoding engine) against Hugging
 Face `generate` serving the same prompts one request at a time, side by side in one run, plus the machine's bound.
 
-    python bench/serve.py                      # the run recorded in BENCHMARKS.md (~8 min on 2 CPU cores)
+    python bench/serve.py --rounds 5          # the run recorded in BENCHMARKS.md (~7 min on 2 CPU cores)
     python bench/serve.py --ref 2685d5a        # also a softprompt server from that git commit (before/after)
     python bench/serve.py --quick              # a smoke run (few requests, one round)
 
@@ -378,6 +378,9 @@ def main() -> None:
     ap.add_argument("--backends", default="softprompt,hf")
     ap.add_argument("--ref", help="also serve with softprompt from this git commit (before/after, same run)")
     ap.add_argument("--load-requests", type=int, default=2000)
+    ap.add_argument("--per-client", type=int, default=8,
+                    help="requests each client sends in turn at 8 and 32 clients (3 before 2026-12-01: 96 requests "
+                         "at 32 clients, a third of them in the tail where fewer clients remain)")
     ap.add_argument("--rounds", type=int, default=3, help="measure every backend this many times, interleaved; "
                     "report medians (the ratio per round)")
     ap.add_argument("--hf-server", help=argparse.SUPPRESS)
@@ -391,9 +394,12 @@ def main() -> None:
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     backends = args.backends.split(",") + ([f"softprompt@{args.ref}"] if args.ref else [])
-    # (clients, requests) per backend: one request at a time gains nothing from more clients.
+    # (clients, requests) per backend: one request at a time gains nothing from more clients. Each client sends
+    # --per-client requests in turn: a level's tokens/s is its steady state only when the tail (the last
+    # requests, finishing while their clients' next ones no longer come) is a small part of the run.
     levels = {"hf": [(1, 4)] if args.quick else [(1, 16)]}
-    sp_levels = [(1, 2), (8, 8), (32, 32)] if args.quick else [(1, 8), (8, 32), (32, 96)]
+    per = 1 if args.quick else args.per_client
+    sp_levels = [(1, 2 if args.quick else 8), (8, 8 * per), (32, 32 * per)]
     t0 = time.time()
     make_prompts(out)
     print(f"prompts ready ({time.time() - t0:.0f}s); load average {os.getloadavg()}", flush=True)
