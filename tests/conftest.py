@@ -5,11 +5,23 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import random
 from pathlib import Path
 
 import pytest
 import torch
+
+@pytest.fixture(autouse=True)
+def _restore_loggers():
+    """The CLI (`main([...])` in tests) gives the `softprompt` and `softprompt.load` loggers stderr handlers, as
+    a process does once; between tests that would leak into tests of the silent Python API."""
+    loggers = [logging.getLogger(name) for name in ("softprompt", "softprompt.load")]
+    saved = [(x.handlers[:], x.level, x.propagate) for x in loggers]
+    yield
+    for logger, (handlers, level, propagate) in zip(loggers, saved):
+        logger.handlers[:], logger.level, logger.propagate = handlers, level, propagate
+
 
 WORDS_POS = ["great", "wonderful", "superb", "lovely", "brilliant", "excellent"]
 WORDS_NEG = ["awful", "terrible", "boring", "dreadful", "poor", "horrible"]

@@ -56,3 +56,23 @@ def test_loading_the_embedded_gguf_model_prints_no_bar(capfd):
     load_model(None, dtype="float32", device="cpu")
     err = capfd.readouterr().err
     assert "de-quantizing" not in err and "%|" not in err, err[:500]
+
+
+def test_bars_going_to_a_file_redraw_at_most_every_30_seconds(monkeypatch):
+    """A log file or pipe gets a bar line per 30 s instead of one per training step; a terminal keeps tqdm's own."""
+    import io
+    import sys
+
+    from softprompt.progress import progress_bar
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    for stream, interval in ((io.StringIO(), 30.0), (Terminal(), 0.1)):
+        monkeypatch.setattr(sys, "stderr", stream)
+        bar = progress_bar(range(200), desc="train", file=stream)
+        assert bar.mininterval == interval
+        assert list(bar) == list(range(200))
+        if interval == 30.0:  # the opening line and the closing one, nothing per step
+            assert stream.getvalue().count("\r") <= 2

@@ -28,7 +28,6 @@ import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
 from .config import DistillConfig, TrainConfig, from_kwargs
 from .data import Encoded, Encoder, Template, collate, read_rows
@@ -36,6 +35,7 @@ from .errors import SoftPromptError
 from .generate import generate_ids
 from .metrics import token_f1
 from .model import BaseModel, load_model
+from .progress import progress_bar
 from .prompt import TENSOR_FILE, SoftPrompt, atomic_write
 from .train import CHECKPOINT, train
 
@@ -159,7 +159,7 @@ def teacher_targets(base: BaseModel, split: Targets, *, max_new_tokens: int, top
     """Fill `split` with the teacher's greedy continuations and its top-k log-probs along them."""
     eos = base.tokenizer.eos_token_id
     n = len(split.teacher_ids)
-    bar = tqdm(total=2 * n, desc=desc, disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(total=2 * n, desc=desc, disable=not progress, dynamic_ncols=True)
     conts: list[list[int]] = []
     for s in range(0, n, TEACHER_BATCH):
         new = generate_ids(base, split.teacher_ids[s:s + TEACHER_BATCH], None, max_new_tokens=max_new_tokens)

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from .config import EvalConfig, from_call
 from .data import Template, label_set, read_rows
@@ -33,6 +32,7 @@ from .evalset import EvalSet, prepare, resolve_task
 from .hf_data import is_local_dataset
 from .metrics import accuracy, generation_metrics, macro_f1
 from .model import BaseModel, load_model
+from .progress import progress_bar
 from .prompt import SoftPrompt, as_prompt, prompt_base_source
 from .sampling import cut_at_stop
 from .scoring import label_scores, prompt_tensor, single_token_ok, single_token_scores_and_loss, token_loss
@@ -130,7 +130,7 @@ def compare(base: BaseModel, template: Template, rows: list[dict[str, Any]], sys
     max_length = min(max_length, base.max_positions - max((_n_virtual(s.prompt) for s in systems), default=0))
     sets: dict[str, EvalSet] = {}
     results = []
-    bar = tqdm(systems, desc="eval", disable=not progress or len(systems) < 2, leave=False)
+    bar = progress_bar(systems, desc="eval", disable=not progress or len(systems) < 2, leave=False)
     for system in bar:
         bar.set_postfix_str(system.name)
         if system.prefix not in sets:

@@ -1,5 +1,6 @@
-"""Quiet, honest model loading: one line of ours ("loading model X ... done in 21s") instead of the raw bars of
-the libraries underneath (transformers' GGUF dequantisation bar printed a screenful into every log).
+"""Quiet, honest progress: one line of ours for model loading ("loading model X ... done in 21s") instead of the
+raw bars of the libraries underneath (transformers' GGUF dequantisation bar printed a screenful into every log),
+and our own bars redrawn at most every 30 s when they go to a file or pipe rather than a terminal.
 
 The line goes through the `softprompt.load` logger: the CLI shows it (`show_load_progress`), the Python API stays
 silent unless the caller configures logging. Errors are not touched: they propagate, and the line says "failed".
@@ -15,6 +16,17 @@ import time
 from typing import Callable, Iterator
 
 LOAD_LOG = logging.getLogger("softprompt.load")
+LOG_FILE_BAR_SECONDS = 30.0  # a bar written to a file or pipe: one line per this many seconds, not per step
+
+
+def progress_bar(*args, **kwargs):
+    """`tqdm(...)` that, when stderr is not a terminal (a log file, CI, `nohup`), redraws at most every 30 s: a
+    10-minute training run otherwise writes a line per step into the log."""
+    from tqdm.auto import tqdm
+
+    if not sys.stderr.isatty():
+        kwargs.setdefault("mininterval", LOG_FILE_BAR_SECONDS)
+    return tqdm(*args, **kwargs)
 
 
 @contextlib.contextmanager

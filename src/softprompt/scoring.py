@@ -16,11 +16,11 @@ Label scoring picks the cheapest exact path:
 from __future__ import annotations
 
 import torch
-from tqdm.auto import tqdm
 
 from .data import Encoded, collate
 from .evalset import EvalSet
 from .model import BaseModel, cache_of, repeat_cache
+from .progress import progress_bar
 from .prompt import SoftPrompt
 
 
@@ -41,7 +41,7 @@ def label_log_likelihoods(base: BaseModel, inputs: list[list[int]], label_ids: l
     pad = base.tokenizer.pad_token_id
     scores = torch.empty(len(inputs), n_labels)
     order = sorted(range(len(inputs)), key=lambda i: len(inputs[i]))
-    for s in tqdm(range(0, len(order), batch_size), desc="labels", disable=not progress, leave=False):
+    for s in progress_bar(range(0, len(order), batch_size), desc="labels", disable=not progress, leave=False):
         rows = order[s:s + batch_size]
         batch = collate([Encoded(inputs[i], [-100] * len(inputs[i]), len(inputs[i])) for i in rows], pad)
         prompted = base.prepend_prompts(batch["input_ids"], batch["attention_mask"],
@@ -79,7 +79,7 @@ def token_loss(base: BaseModel, prompt, examples: list[Encoded], batch_size: int
     """Mean NLL per answer token over all examples (token-weighted, as in training)."""
     tensor, nll, count = prompt_tensor(prompt), 0.0, 0
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
-    for s in tqdm(range(0, len(order), batch_size), desc="loss", disable=not progress, leave=False):
+    for s in progress_bar(range(0, len(order), batch_size), desc="loss", disable=not progress, leave=False):
         batch = collate([examples[i] for i in order[s:s + batch_size]], base.tokenizer.pad_token_id)
         prompted = base.prepend_prompts(batch["input_ids"], batch["attention_mask"], tensor, batch["labels"])
         row_nll, row_count = base.sequence_nll(prompted)
@@ -110,7 +110,7 @@ def pair_label_scores(base: BaseModel, tensor, evalset: EvalSet, batch_size: int
     pairs = [(i, j) for i in range(len(evalset.inputs)) for j in range(len(evalset.label_ids))]
     pairs.sort(key=lambda p: len(evalset.inputs[p[0]]) + len(evalset.label_ids[p[1]]))
     scores = torch.empty(len(evalset.inputs), len(evalset.label_ids))
-    for s in tqdm(range(0, len(pairs), batch_size), desc="labels", disable=not progress, leave=False):
+    for s in progress_bar(range(0, len(pairs), batch_size), desc="labels", disable=not progress, leave=False):
         chunk = pairs[s:s + batch_size]
         examples = [Encoded(evalset.inputs[i] + evalset.label_ids[j],
                             [-100] * len(evalset.inputs[i]) + evalset.label_ids[j], len(evalset.inputs[i]))
@@ -149,7 +149,7 @@ def single_token_scores_and_loss(base: BaseModel, tensor, evalset: EvalSet, batc
     order = sorted(range(len(rows_all)), key=lambda i: len(rows_all[i].input_ids))
     scores = torch.empty(len(rows_all), len(candidates))
     nll, count = 0.0, 0
-    for s in tqdm(range(0, len(order), batch_size), desc="labels+loss" if with_loss else "labels",
+    for s in progress_bar(range(0, len(order), batch_size), desc="labels+loss" if with_loss else "labels",
                   disable=not progress, leave=False):
         rows = order[s:s + batch_size]
         examples = [rows_all[i] for i in rows]

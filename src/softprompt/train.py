@@ -19,7 +19,6 @@ from typing import Any, Callable
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
 from .budget import BudgetPlanner, RunLength
 from .evaluate import prepare as prepare_eval, score
@@ -28,6 +27,7 @@ from .distributed import World, init_world, shard_frozen_base
 from .data import Encoded, Encoder, Template, collate, epoch_batches, label_set, read_rows
 from .errors import SoftPromptError
 from .model import BaseModel, load_model
+from .progress import progress_bar
 from .prompt import MAX_PROMPT_ABS, META_FILE, TENSOR_FILE, SoftPrompt, atomic_write, remove_stale_temps
 from .reparam import ReparamPrompt
 from .trackers import Reporter
@@ -169,7 +169,7 @@ def train(config: TrainConfig | dict | None = None, /, *, base: BaseModel | None
         world.barrier()
 
     pad_id = base.tokenizer.pad_token_id
-    bar = tqdm(total=state["total"], initial=state["step"], desc="train", disable=not (cfg.progress and world.is_main),
+    bar = progress_bar(total=state["total"], initial=state["step"], desc="train", disable=not (cfg.progress and world.is_main),
                dynamic_ncols=True)
     started = time.perf_counter() - state["elapsed"]
     first_record = True
