@@ -76,3 +76,5 @@ def test_bars_going_to_a_file_redraw_at_most_every_30_seconds(monkeypatch):
         assert list(bar) == list(range(200))
         if interval == 30.0:  # the opening line and the closing one, nothing per step
             assert stream.getvalue().count("\r") <= 2
+        transient = progress_bar(range(3), desc="labels", leave=False, file=stream)
+        assert transient.disable == (interval == 30.0)  # erased on a terminal; in a file, left out

@@ -20,12 +20,15 @@ LOG_FILE_BAR_SECONDS = 30.0  # a bar written to a file or pipe: one line per thi
 
 
 def progress_bar(*args, **kwargs):
-    """`tqdm(...)` that, when stderr is not a terminal (a log file, CI, `nohup`), redraws at most every 30 s: a
-    10-minute training run otherwise writes a line per step into the log."""
+    """`tqdm(...)` that, when stderr is not a terminal (a log file, CI, `nohup`), redraws at most every 30 s (a
+    10-minute training run otherwise writes a line per step into the log) and leaves out transient bars
+    (`leave=False`: erased on a terminal, but in a file their erasing spaces run into the next output)."""
     from tqdm.auto import tqdm
 
     if not sys.stderr.isatty():
         kwargs.setdefault("mininterval", LOG_FILE_BAR_SECONDS)
+        if kwargs.get("leave") is False:
+            kwargs["disable"] = True
     return tqdm(*args, **kwargs)
 
 
