@@ -5,6 +5,9 @@
     python bench/engine_ab.py prefill   # newcomers prefilled into a running batch of 32: HF forward vs written out
     python bench/engine_ab.py clients   # 32 in-process clients, 96 requests, the scheduler's own loop (no HTTP):
                                         # tokens/s with --prefill-wait-steps 4 (the default) and 0
+    python bench/engine_ab.py joint     # 32 in-process clients, 288 requests (steady state): newcomers joined to
+                                        # the decode step's pass (the engine's way) against a prefill pass of
+                                        # their own before it
     python bench/engine_ab.py draft     # would prompt-lookup speculative decoding pay here? Tokens a forward would
                                         # yield on the bench's greedy outputs, against what a forward of W tokens
                                         # per row costs
@@ -26,7 +29,7 @@ from serve import MAX_TOKENS, make_prompts, request_for  # noqa: E402
 
 from softprompt import SoftPrompt, load_model  # noqa: E402
 from softprompt.engine import Engine, PromptEntry, Sequence  # noqa: E402
-from softprompt.model.fast_forward import fast_forward  # noqa: E402
+from softprompt.model.fast_forward import NewTokens, fast_forward  # noqa: E402
 from softprompt.sampling import SamplingParams  # noqa: E402
 from softprompt.scheduler import Scheduler  # noqa: E402
 
@@ -102,6 +105,29 @@ def clients_ab(base, entries, rounds: int) -> None:
         print(f"--prefill-wait-steps {wait}: median {statistics.median(v):.1f} tok/s")
 
 
+def joint_ab(base, entries, rounds: int) -> None:
+    joint = Engine.step
+
+    def apart(self, newcomers=()):
+        if newcomers:
+            self.add(newcomers)
+        self.decode()
+
+    clients(base, entries, 4, 16, 8)  # warm-up
+    rates: dict = {"joint": [], "apart": []}
+    try:
+        for r in range(rounds):
+            for mode in ("joint", "apart") if r % 2 == 0 else ("apart", "joint"):
+                Engine.step = joint if mode == "joint" else apart
+                rates[mode].append(clients(base, entries, 4, 288))
+            print(f"round {r}: joint {rates['joint'][-1]:.1f}, apart {rates['apart'][-1]:.1f} tok/s, "
+                  f"ratio {rates['joint'][-1] / rates['apart'][-1]:.3f}", flush=True)
+    finally:
+        Engine.step = joint
+    ratios = [a / b for a, b in zip(rates["joint"], rates["apart"])]
+    print(f"joint / apart: median ratio {statistics.median(ratios):.3f} ({', '.join(f'{x:.2f}' for x in ratios)})")
+
+
 def lookup_yield(seqs, k: int, n_max: int = 3) -> tuple[float, float]:
     """Prompt-lookup drafting replayed on finished greedy sequences: each step drafts the k tokens that followed the
     latest earlier occurrence of the context's last n tokens (n = n_max..1), a forward checks them, and the row
@@ -148,7 +174,7 @@ def draft_ab(base, entries, rounds: int) -> None:
                 pos = torch.arange(past, past + w).expand(rows, w)
 
                 def forward():  # every fed token's logits are checked: the LM head runs on all of them
-                    fast(ids, mask, pos, kv, slice(0, rows), 0, past)
+                    fast(kv, NewTokens(ids, mask, pos, slice(0, rows), 0, past))
                     if len(extra):
                         head(extra).float().argmax(-1)
                 forward()
@@ -165,7 +191,7 @@ def draft_ab(base, entries, rounds: int) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["prefill", "clients", "draft"])
+    ap.add_argument("what", choices=["prefill", "clients", "joint", "draft"])
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--out", default="runs/bench-serve")
     args = ap.parse_args()
@@ -174,7 +200,7 @@ def main() -> None:
     base = load_model(None)
     entries = {p.name: PromptEntry(p.name, SoftPrompt.load(p, base).embeddings.to(base.dtype))
                for p in sorted((out / "prompts").iterdir())}
-    {"prefill": prefill_ab, "clients": clients_ab, "draft": draft_ab}[args.what](base, entries, args.rounds)
+    {"prefill": prefill_ab, "clients": clients_ab, "joint": joint_ab, "draft": draft_ab}[args.what](base, entries, args.rounds)
 
 
 if __name__ == "__main__":

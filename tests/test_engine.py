@@ -45,16 +45,22 @@ def test_continuous_batching_equals_the_naive_oracle_row_by_row(tiny_base, monke
     seqs = [Sequence(r, SamplingParams(max_tokens=lengths[i % 5], temperature=0.0), entries[i % 3])
             for i, r in enumerate(rows)]
     engine = Engine(tiny_base)
-    decode = engine.decode
+    step, forward, passes = engine.step, tiny_base.forward_in_place, []
 
-    def checked_decode():  # the batch never holds a finished row, and its tensors always match its rows
+    def checked_step(newcomers):  # the batch never holds a finished row, and its tensors always match its rows
         assert all(not s.finished for s in engine.rows)
         assert engine.batch.mask.shape == (len(engine.rows), engine.batch.width) == (len(engine.batch.next_pos), engine.batch.width)
-        decode()
+        step(newcomers)
 
-    engine.decode = checked_decode
+    def counted(kv, *blocks):
+        passes.append(len(blocks))
+        return forward(kv, *blocks)
+
+    engine.step = checked_step
+    monkeypatch.setattr(tiny_base, "forward_in_place", counted)
     engine.run(seqs, max_rows=4)
     assert engine.stats["max_batch_rows"] == 4 and engine.stats["prefills"] > 3  # really joined in flight
+    assert passes.count(2) >= 3  # newcomers prefilled in the same pass as the running rows' decode step
     assert not engine.rows  # everything retired
     for s in seqs:
         prompt = s.prompt.embeddings if s.prompt else None
@@ -105,7 +111,7 @@ def _hf_and_fast(base, mask, new_tokens=1):
     """`new_tokens` tokens for each of 3 rows (rows 1-3 of a random buffer, their span from column 1; `mask` [3, past
     + new_tokens]) by HF's forward over a slot cache and by the written-out forward. Returns both logits, the
     buffer before, after each, and where the written-out forward must have written (the real new tokens)."""
-    from softprompt.model import slot_cache
+    from softprompt.model import NewTokens, slot_cache
     from softprompt.model.fast_forward import fast_forward
 
     layers, heads, head_dim = base.kv_layout
@@ -121,7 +127,7 @@ def _hf_and_fast(base, mask, new_tokens=1):
         hf = base.extend(slot_cache(kv_hf, rows, first, past), ids, mask, pos, logits_to_keep=1).logits[:, -1]
         forward = fast_forward(base.model)
         assert forward is not None, "an architecture the written-out forward supports"
-        fast = forward(ids, mask, pos, kv_fast, rows, first, past)
+        fast = forward(kv_fast, NewTokens(ids, mask, pos, rows, first, past))[0]
     written = torch.zeros_like(kv, dtype=torch.bool)
     for r in range(b):
         for j in range(w):
@@ -196,3 +202,50 @@ def test_the_written_out_forward_shares_the_weights_and_steps_aside(tiny_base, m
     monkeypatch.setenv("SOFTPROMPT_FAST_DECODE", "0")
     assert fast_forward(tiny_base.model) is None
 
+
+
+def test_a_joint_pass_equals_its_blocks_run_apart(tiny_base):
+    """A decode step of some rows and a padded prefill of others in ONE written-out pass: the same logits and the
+    same buffer as the two passes one after the other."""
+    from softprompt.model import NewTokens
+    from softprompt.model.fast_forward import fast_forward
+
+    layers, heads, head_dim = tiny_base.kv_layout
+    torch.manual_seed(0)
+    kv = torch.randn(2, layers, 6, heads, 10, head_dim)
+    decode_mask = torch.ones(3, 6, dtype=torch.long)
+    decode_mask[1, :2] = 0
+    decode = NewTokens(torch.tensor([[5], [17], [40]]), decode_mask, torch.tensor([[5], [3], [5]]), slice(0, 3), 0, 5)
+    prefill_mask = torch.tensor([[0, 1, 1, 0, 0, 1, 1], [1, 1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 1, 1, 1]])
+    ids = torch.randint(3, tiny_base.vocab_size, (3, 4))
+    prefill = NewTokens(ids, prefill_mask, (prefill_mask.cumsum(1) - 1).clamp(min=0)[:, 3:], slice(3, 6), 2, 3)
+    forward = fast_forward(tiny_base.model)
+    joint_kv, apart_kv = kv.clone(), kv.clone()
+    with torch.inference_mode():
+        joint = forward(joint_kv, decode, prefill)
+        apart = forward(apart_kv, decode) + forward(apart_kv, prefill)
+    for a, b in zip(joint, apart):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(joint_kv, apart_kv, rtol=1e-5, atol=1e-5)
+    assert not joint_kv.equal(kv)
+
+
+def test_a_failing_joint_pass_is_retried_apart(tiny_base, monkeypatch):
+    """If the pass that joins newcomers to a decode step fails, prefill and decode run apart (an error then stays
+    with whoever caused it); here both succeed apart, so every row still gets the oracle's tokens."""
+    rows = _rows(tiny_base)
+    lengths = [2, 5, 3, 6, 4]  # rows finish at different steps: newcomers join running rows
+    seqs = [Sequence(r, SamplingParams(max_tokens=n, temperature=0.0)) for r, n in zip(rows, lengths)]
+    forward, joint = tiny_base.forward_in_place, []
+
+    def no_joint(kv, *blocks):
+        if len(blocks) > 1:
+            joint.append(1)
+            raise RuntimeError("joint pass failed")
+        return forward(kv, *blocks)
+
+    monkeypatch.setattr(tiny_base, "forward_in_place", no_joint)
+    Engine(tiny_base).run(seqs, max_rows=2)
+    assert joint, "newcomers joined running rows"
+    for s in seqs:
+        assert s.error is None and s.generated == naive_decode(tiny_base, s.input_ids, None, s.params.max_tokens)

@@ -136,7 +136,7 @@ def test_an_empty_input_continues_from_the_prompt_alone_and_in_a_mixed_batch(bas
     assert mixed[0].generated == want["mid"] and mixed[3].generated == want["long"]
     assert mixed[1].generated == reference(base, TEXTS[0], prompt_objs["long"], 6)
     assert mixed[2].generated == reference(base, TEXTS[1], None, 6)
-    sched = Scheduler(base, autostart=False)  # joining running rows: all empty, then mixed
+    sched = Scheduler(base, autostart=False)  # joining running rows in their decode pass: all empty, then mixed
     running = Sequence(ids_of(base, TEXTS[2]), greedy(12), e["short"], lambda ev: None)
     sched.submit(running)
     sched.step()
@@ -183,10 +183,10 @@ def test_a_failing_step_fails_only_its_sequences(base, prompt_objs, monkeypatch)
     sched.step()
     real = base.forward_in_place
 
-    def broken(ids, *rest):
-        if ids.shape[1] > 1:  # prefills only
+    def broken(kv, *blocks):
+        if any(b.ids.shape[1] > 1 for b in blocks):  # passes with a prefill (alone, or joint with a decode step)
             raise RuntimeError("boom")
-        return real(ids, *rest)
+        return real(kv, *blocks)
 
     monkeypatch.setattr(base, "forward_in_place", broken)
     bad = Sequence(ids_of(base, TEXTS[1]), greedy(8), None, bad_events.append)
@@ -196,8 +196,14 @@ def test_a_failing_step_fails_only_its_sequences(base, prompt_objs, monkeypatch)
     monkeypatch.setattr(base, "forward_in_place", real)
     sched.run_until_idle()
     assert ok.generated == reference(base, TEXTS[0], prompt_objs["mid"], 8) and ok_events[-1].kind == "finish"
+
     # a failing decode step fails the running batch, and the scheduler serves the next request normally
-    monkeypatch.setattr(base, "decode_step", lambda *a: (_ for _ in ()).throw(RuntimeError("decode boom")))
+    def broken_decode(kv, *blocks):
+        if all(b.ids.shape[1] == 1 for b in blocks):  # decode steps only
+            raise RuntimeError("decode boom")
+        return real(kv, *blocks)
+
+    monkeypatch.setattr(base, "forward_in_place", broken_decode)
     events = []
     sched.submit(Sequence(ids_of(base, TEXTS[2]), greedy(4), e, events.append))
     sched.step()

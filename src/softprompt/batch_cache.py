@@ -49,16 +49,18 @@ class DecodeBatch:
 
     # ---- newcomers: open rows, prefill into them, join ----
 
-    def open(self, m: int, span: int) -> tuple[int, int]:
+    def open(self, m: int, span: int, ahead: int = 0) -> tuple[int, int]:
         """Room for `m` new rows whose states will fill `span` columns, right-aligned with the running rows (the batch
-        widens, padding the running rows on the left, when `span` exceeds its width). Returns (first new row, first
-        column of the span). The new rows' columns are zeroed: padding is masked, but must never be NaN."""
+        widens, padding the running rows on the left, when `span` exceeds its width); `ahead` = 1 aligns them with
+        the column the running rows write next (a prefill in the same pass as a decode step: `join` after that
+        step's `commit`). Returns (first new row, first column of the span). The new rows' columns are zeroed:
+        padding is masked, but must never be NaN."""
         n, w = len(self.rows), self.width
-        width = max(w, span)
+        width = max(w, span - ahead)
         self._reserve(n + m, width + 1, shift=width - w)
-        self.kv[:, :, n:n + m, :, :width].zero_()
+        self.kv[:, :, n:n + m, :, :width + ahead].zero_()
         self.mask, self.width = _left_pad_mask(self.mask, width), width
-        return n, width - span
+        return n, width + ahead - span
 
     def join(self, rows: list, mask: torch.Tensor, next_pos: torch.Tensor) -> None:
         """The `open`ed rows, now prefilled (their span's mask [m, span]), become running rows."""

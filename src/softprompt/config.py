@@ -227,8 +227,8 @@ class ServeConfig:
     max_output_tokens: int = opt(512, "largest max_tokens a request may ask for; more is a 400")
     max_prefill_tokens: int = opt(4096, "input tokens prefilled in one scheduler step (newcomers beyond wait a step)")
     prefill_wait_steps: int = opt(4, "while others decode, newcomers wait up to this many decode steps so that several "
-                                     "are prefilled in one forward (a prefill costs about a decode step, whatever its "
-                                     "size); 0: prefill each at once. With nothing running nobody waits")
+                                     "join the batch in one step (each joining step's pass is longer); 0: each joins "
+                                     "at once. With nothing running nobody waits")
     request_timeout: float = opt(120.0, "seconds from a request's arrival to its last token; beyond, a 504",
                                  aliases=("--timeout",))
     max_body_bytes: int = opt(1 << 20, "largest request body in bytes; larger is a 413")

@@ -5,6 +5,8 @@ A batch of running sequences, each with its own soft prompt (or none), decoded t
   add(seqs)  prefill newcomers behind their prompts' cached keys/values (the prefix cache), sample their first
              token, merge them into the batch;
   decode()   ONE forward for every running row, whatever its prompt and length; sample; stop rules;
+  step(seqs) both in ONE pass of the weights: newcomers' inputs packed with the running rows' next tokens
+             (what the server and `run` call);
   retire     drop finished rows from the batch cache.
 
 Batch cache layout (batch_cache.py), one row per running sequence, left-padded so every row's newest token is
@@ -30,7 +32,7 @@ import torch
 
 from .batch_cache import DecodeBatch
 from .errors import SoftPromptError
-from .model import BaseModel, cache_layers, cache_of
+from .model import BaseModel, NewTokens, cache_layers, cache_of
 from .sampling import SamplingParams, eos_ids, find_stop, greedy_and_finite, held_back, pick_token
 
 log = logging.getLogger("softprompt.engine")
@@ -104,6 +106,18 @@ class Sequence:
         return (self.prompt.n_virtual_tokens if self.prompt else 0) + len(self.input_ids)
 
 
+@dataclass
+class _Prefill:
+    """Newcomers with rows opened for them: their span's mask [n, span], next positions [n], input lengths and the
+    block of their input tokens (None when every input is empty)."""
+
+    seqs: list[Sequence]
+    mask: torch.Tensor
+    next_pos: torch.Tensor
+    tlen: list[int]
+    block: NewTokens | None
+
+
 class Engine:
     """Owns the model work of decoding: the prefix cache, prefill, decode steps, sampling, stop rules, events.
     Not thread-safe: one thread drives it (the server's scheduler thread, or the caller of `run`)."""
@@ -154,6 +168,58 @@ class Engine:
     def add(self, seqs: list[Sequence]) -> None:
         """Prefill `seqs` together, straight into new rows of the batch cache behind their prompts' cached
         keys/values, sample each one's first token and make them running rows."""
+        prefill = self._open(seqs, ahead=0)
+        if prefill.block is not None:
+            logits = self.base.forward_in_place(self.batch.kv, prefill.block)[0]
+        else:  # every row empty: nothing to run, the prefixes are the whole past
+            logits = torch.stack([s.prompt.next_logits for s in seqs])
+        self._join(prefill, logits)
+        self.retire()
+
+    @torch.inference_mode()
+    def decode(self) -> None:
+        """One forward for every running row: feed each its last sampled token, sample the next."""
+        b = self.batch
+        if not b.rows:
+            return
+        block = self._decode_block()
+        b.grow(1)
+        logits = self.base.forward_in_place(b.kv, block)[0]  # writes column `width`
+        self._decoded(block.mask, logits)
+        self.retire()
+
+    @torch.inference_mode()
+    def step(self, newcomers: list[Sequence] = ()) -> None:
+        """Admit `newcomers` (may be none) and advance every running row one token, in ONE pass of the weights:
+        the newcomers' inputs and the running rows' next tokens packed together (a prefill alone costs about a
+        decode step on CPU: weights streamed and layers called once more). With nothing running, a prefill and a
+        decode step as `add` + `decode`. If the joint pass fails, prefill and decode are retried apart, so an
+        error stays with whoever caused it (a failing prefill raises from `add` before its rows join)."""
+        if not newcomers or not self.batch.rows:
+            if newcomers:
+                self.add(newcomers)
+            self.decode()
+            return
+        prefill = self._open(newcomers, ahead=1)  # their inputs end at the column the running rows write next
+        block = self._decode_block()
+        try:
+            blocks = [block] if prefill.block is None else [block, prefill.block]
+            logits = self.base.forward_in_place(self.batch.kv, *blocks)
+        except Exception:
+            log.warning("a joint prefill + decode pass failed: running them apart", exc_info=True)
+            self.add(newcomers)
+            self.decode()
+            return
+        self._decoded(block.mask, logits[0])
+        self._join(prefill, logits[1] if prefill.block is not None else
+                   torch.stack([s.prompt.next_logits for s in newcomers]))
+        self.retire()
+
+    # ---- the pieces of add / decode / step ----
+
+    def _open(self, seqs: list[Sequence], ahead: int) -> _Prefill:
+        """Validate newcomers, open rows for them (their spans end `ahead` columns past the batch's width), place
+        their prompts' keys/values from the prefix cache; the block of their input tokens (None: all empty)."""
         for s in seqs:
             if not s.input_ids and (s.prompt is None or s.prompt.is_deep):
                 raise SoftPromptError("empty input: give some text to continue (only an input-embedding soft prompt "
@@ -171,49 +237,50 @@ class Engine:
             mask[i, pmax + tmax - tlen[i]:] = 1
             pos[i, tmax - tlen[i]:] = torch.arange(plen[i], plen[i] + tlen[i])
         ids, mask, pos = ids.to(dev), mask.to(dev), pos.to(dev)
-        row, col = self.batch.open(n, pmax + tmax)
+        row, col = self.batch.open(n, pmax + tmax, ahead)
         for i, s in enumerate(seqs):  # each row's prompt from the prefix cache, right-aligned at column col + pmax
             if plen[i]:
                 self.batch.kv[:, :, row + i, :, col + pmax - plen[i]:col + pmax] = self.prompt_kv(s.prompt)
-        if tmax:  # writes columns [col + pmax, col + pmax + tmax) of the new rows
-            logits = self.base.forward_in_place(ids, mask, pos, self.batch.kv, slice(row, row + n), col, pmax)
-            for i, s in enumerate(seqs):
-                if not tlen[i]:  # an empty input continues from its prompt's last virtual token
-                    logits[i] = s.prompt.next_logits
-        else:  # every row empty: nothing to run, the prefixes are the whole past
-            logits = torch.stack([s.prompt.next_logits for s in seqs])
+        block = NewTokens(ids, mask, pos, slice(row, row + n), col, pmax) if tmax else None
+        return _Prefill(seqs, mask, torch.tensor([p + t for p, t in zip(plen, tlen)], device=dev), tlen, block)
+
+    def _join(self, prefill: _Prefill, logits: torch.Tensor) -> None:
+        """The prefilled rows' logits [n, V]: sample their first tokens and make them running rows."""
+        seqs = prefill.seqs
+        for i, s in enumerate(seqs):
+            if not prefill.tlen[i]:  # an empty input continues from its prompt's last virtual token
+                logits[i] = s.prompt.next_logits
         self.stats["prefills"] += 1
-        self.stats["prefill_rows"] += n
-        self.stats["prompt_tokens"] += sum(tlen)
+        self.stats["prefill_rows"] += len(seqs)
+        self.stats["prompt_tokens"] += sum(prefill.tlen)
         now = time.monotonic()
         for s in seqs:
             s.t_first = now
             if not s.params.greedy:
                 seed = s.params.seed if s.params.seed is not None else secrets.randbits(63)
-                s.generator = torch.Generator(device=dev).manual_seed(seed)
+                s.generator = torch.Generator(device=self.base.device).manual_seed(seed)
         tokens = self._sample(seqs, logits)
-        self.batch.join(seqs, mask, torch.tensor([p + t for p, t in zip(plen, tlen)], device=dev))
+        self.batch.join(seqs, prefill.mask, prefill.next_pos)
         self.stats["max_batch_rows"] = max(self.stats["max_batch_rows"], len(self.batch))
         for s, t in zip(seqs, tokens):
             self._advance(s, t)
-        self.retire()
 
-    @torch.inference_mode()
-    def decode(self) -> None:
-        """One forward for every running row: feed each its last sampled token, sample the next."""
+    def _decode_block(self) -> NewTokens:
+        """The running rows' next tokens [B, 1] behind their past (columns [0, width))."""
         b, dev = self.batch, self.base.device
-        if not b.rows:
-            return
         ids = torch.tensor([s.pending for s in b.rows], dtype=torch.long, device=dev)[:, None]  # [B, 1]
         mask = torch.cat([b.mask, torch.ones(len(b.rows), 1, dtype=b.mask.dtype, device=dev)], dim=1)
-        b.grow(1)
-        logits = self.base.decode_step(ids, mask, b.next_pos[:, None], b.kv, b.width)  # writes column `width`
+        return NewTokens(ids, mask, b.next_pos[:, None], slice(0, len(b.rows)), 0, b.width)
+
+    def _decoded(self, mask: torch.Tensor, logits: torch.Tensor) -> None:
+        """The running rows' decode logits [B, V]: the batch takes the new column; sample and advance each row."""
+        b = self.batch
+        rows = list(b.rows)
         b.commit(1, mask)
         self.stats["decode_steps"] += 1
-        self.stats["decode_rows"] += len(b.rows)
-        for s, t in zip(b.rows, self._sample(b.rows, logits)):
+        self.stats["decode_rows"] += len(rows)
+        for s, t in zip(rows, self._sample(rows, logits)):
             self._advance(s, t)
-        self.retire()
 
     def retire(self) -> None:
         """Drop finished rows from the batch."""
@@ -233,9 +300,7 @@ class Engine:
         waiting = list(seqs)[::-1]
         while waiting or self.batch.rows:
             room = max_rows - len(self.batch)
-            if waiting and room > 0:
-                self.add([waiting.pop() for _ in range(min(room, len(waiting)))])
-            self.decode()
+            self.step([waiting.pop() for _ in range(min(room, len(waiting)))] if waiting and room > 0 else [])
 
     # ---- tokens -> text -------------------------------------------------------------------------------
 

@@ -1,8 +1,9 @@
 """The server's scheduler: a bounded queue, admission, and the one thread that drives the decoding engine.
 
 Each round the thread drops cancelled and expired sequences, admits waiting ones (bounded by running rows and
-by prompt tokens per prefill), lets the engine prefill them into the running batch, and runs ONE engine decode
-step for every running sequence, whatever its soft prompt (or none) and length. Model work, sampling, stop rules
+by prompt tokens per prefill), and runs ONE engine step: the newcomers' prefill into the running batch and a
+decode step for every running sequence, whatever its soft prompt (or none) and length, in one pass of the
+weights. Model work, sampling, stop rules
 and events are the engine's (engine.py); this module holds no tensors.
 """
 
@@ -44,8 +45,8 @@ class Scheduler:
         self.max_running = max_running
         self.max_waiting = max_waiting
         self.max_prefill_tokens = max_prefill_tokens
-        # A prefill is a forward of its own, costing about one decode step whatever its size: while others decode,
-        # newcomers wait (up to `prefill_wait_steps` steps) for a group of `prefill_group` to share one.
+        # Newcomers join in a decode step's pass, each joining step a longer pass: while others decode, they wait
+        # (up to `prefill_wait_steps` steps) for a group of `prefill_group` to join together.
         self.prefill_wait_steps = prefill_wait_steps
         self.prefill_group = max(1, max_running // 8)
         self._waited = 0  # decode steps the oldest waiting sequence has waited
@@ -152,25 +153,23 @@ class Scheduler:
                     self.engine.reset()
 
     def step(self) -> None:
-        """One scheduling round: drop cancelled/expired rows, admit and prefill newcomers, one decode step.
-        A failing prefill fails only the sequences it admitted; a failing decode fails the running batch. Either
-        way they get a 500 error event and the server goes on with the others."""
+        """One scheduling round: drop cancelled/expired rows, admit newcomers, and one engine step (their prefill
+        and a decode step for every running row, in one pass where it can). A failing prefill fails only the
+        sequences it admitted; a failing decode fails the running batch. Either way they get a 500 error event and
+        the server goes on with the others."""
         with torch.inference_mode():
             self._reap()
             admitted = self._admit()
-            if admitted:
-                try:
-                    self.engine.add(admitted)
-                except Exception as e:
+            if not admitted and not self.engine.rows:
+                return
+            try:
+                self.engine.step(admitted)
+            except Exception as e:
+                merged = any(s in self.engine.rows for s in admitted)
+                if admitted and not merged:  # the prefill failed before its rows joined: only they fail
                     log.exception("prefill failed")
                     self.engine.fail(admitted, internal_error(e), 500)
-                    if any(s in admitted for s in self.engine.rows):  # failed after merging: batch state unknown
-                        self.engine.fail(self.engine.rows, internal_error(e), 500)
-                        self.engine.reset()
-            if self.engine.rows:
-                try:
-                    self.engine.decode()
-                except Exception as e:
+                else:  # the decode step (or a prefill after merging): the batch's state is unknown
                     log.exception("decode step failed")
                     self.engine.fail(self.engine.rows, internal_error(e), 500)
                     self.engine.reset()

@@ -16,7 +16,7 @@ ahead of the virtual tokens: [pad | deep prefix] + [pad | virtual | tokens].
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from ..errors import SoftPromptError
 from ..precision import DtypeChoice
-from .fast_forward import fast_forward
+from .fast_forward import NewTokens, fast_forward
 from .kv import cache_of, prefix_layer, slot_cache
 from .loss import head_nll
 
@@ -260,28 +260,20 @@ class BaseModel:
                           position_ids=position_ids.to(self.device), use_cache=True,
                           **{self.cache_kw: cache}, **kwargs)
 
-    def forward_in_place(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-                         kv: torch.Tensor, rows: slice, first_col: int, past: int) -> torch.Tensor:
-        """Run W new tokens for each of B rows of the buffer kv [2, layers, rows, H, cols, D] (`kv_layout`) whose
-        past fills the `past` columns from `first_col`: input_ids [B, W] (left-padded), attention_mask [B, past + W],
-        position_ids [B, W]. Writes the new keys/values to the next W columns; returns each row's last-column
-        logits [B, V]. Written out for Llama-family decoders (fast_forward.py: same maths, padding skipped), HF's
-        forward over a slot cache for the rest."""
+    def forward_in_place(self, kv: torch.Tensor, *blocks: NewTokens) -> list[torch.Tensor]:
+        """Run each block's new tokens behind its rows' past in the buffer kv [2, layers, rows, H, cols, D]
+        (`kv_layout`; see `NewTokens`), writing their keys/values into it; returns each block's rows' last-column
+        logits [B, V]. Written out for Llama-family decoders (fast_forward.py: same maths, every block in ONE pass
+        of the weights, padding skipped), HF's forward over a slot cache per block for the rest."""
         if "fast_forward" not in self._cache:
             self._cache["fast_forward"] = fast_forward(self.model)
         fast = self._cache["fast_forward"]
-        ids, mask, pos = input_ids.to(self.device), attention_mask.to(self.device), position_ids.to(self.device)
+        blocks = [replace(x, ids=x.ids.to(self.device), mask=x.mask.to(self.device),
+                          positions=x.positions.to(self.device)) for x in blocks]
         if fast is not None:
-            return fast(ids, mask, pos, kv, rows, first_col, past)
-        out = self.extend(slot_cache(kv, rows, first_col, past), ids, mask, pos, **self.last_logits_kw())
-        return out.logits[:, -1]
-
-    def decode_step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-                    kv: torch.Tensor, width: int) -> torch.Tensor:
-        """One new token [B, 1] for each of rows 0..B-1 whose past fills columns [0, width): written to column
-        `width`; the logits [B, V]."""
-        return self.forward_in_place(input_ids, attention_mask, position_ids, kv, slice(0, input_ids.shape[0]), 0,
-                                     width)
+            return fast(kv, *blocks)
+        return [self.extend(slot_cache(kv, x.rows, x.first_col, x.past), x.ids, x.mask, x.positions,
+                            **self.last_logits_kw()).logits[:, -1] for x in blocks]
 
     @property
     def has_plain_kv_cache(self) -> bool:
