@@ -3,7 +3,7 @@
 `bench/serve.py` (made under --out if missing); requests as bench/serve.py sends them.
 
     python bench/engine_ab.py prefill   # newcomers prefilled into a running batch of 32: HF forward vs written out
-    python bench/engine_ab.py clients   # 32 in-process clients, 96 requests, the scheduler's own loop (no HTTP):
+    python bench/engine_ab.py clients   # 32 in-process clients, 288 requests, the scheduler's own loop (no HTTP):
                                         # tokens/s with --prefill-wait-steps 4 (the default) and 0
     python bench/engine_ab.py joint     # 32 in-process clients, 288 requests (steady state): newcomers joined to
                                         # the decode step's pass (the engine's way) against a prefill pass of
@@ -99,7 +99,7 @@ def clients_ab(base, entries, rounds: int) -> None:
     rates: dict = {4: [], 0: []}
     for r in range(rounds):
         for wait in (4, 0) if r % 2 == 0 else (0, 4):
-            rates[wait].append(clients(base, entries, wait))
+            rates[wait].append(clients(base, entries, wait, 288))  # steady state: the tail a small part
         print(f"round {r}: " + ", ".join(f"wait {w}: {v[-1]:.1f} tok/s" for w, v in rates.items()), flush=True)
     for wait, v in rates.items():
         print(f"--prefill-wait-steps {wait}: median {statistics.median(v):.1f} tok/s")
