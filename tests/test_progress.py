@@ -13,11 +13,8 @@ LINE = re.compile(r"^softprompt: loading model (.+) \.\.\. done in \d+s(; dtype 
 
 @pytest.fixture(autouse=True)
 def fresh_logger():
-    """The CLI configures the `softprompt.load` logger for the process; undo that around each test."""
-    saved = LOAD_LOG.handlers[:], LOAD_LOG.level, LOAD_LOG.propagate
+    """Each test starts with the loading logger as a fresh process has it (conftest restores it afterwards)."""
     LOAD_LOG.handlers.clear()
-    yield
-    LOAD_LOG.handlers[:], LOAD_LOG.level, LOAD_LOG.propagate = saved
 
 
 def test_the_gguf_dequantisation_bar_is_silenced_only_while_loading(capfd):
