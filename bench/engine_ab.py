@@ -11,6 +11,10 @@
     python bench/engine_ab.py draft     # would prompt-lookup speculative decoding pay here? Tokens a forward would
                                         # yield on the bench's greedy outputs, against what a forward of W tokens
                                         # per row costs
+    python bench/engine_ab.py where     # where a steady-state run's time goes (288 requests, 32 clients): the
+                                        # engine's passes and bookkeeping timed, rows busy per decode step
+    python bench/engine_ab.py newcomer  # what joining costs: a decode step of ~30 running rows alone against the
+                                        # same step with 1 or 4 newcomers of 1 or 15 input tokens, alternating
 """
 
 from __future__ import annotations
@@ -189,9 +193,94 @@ def draft_ab(base, entries, rounds: int) -> None:
               f"{cost:.2f}x, net {gain / cost:.2f}x")
 
 
+def where(base, entries, rounds: int) -> None:
+    from softprompt.batch_cache import DecodeBatch
+
+    spent: dict = {}
+
+    def timed(cls, name, key=None):
+        f = getattr(cls, name)
+
+        def wrapper(*a, **k):
+            t = time.perf_counter()
+            try:
+                return f(*a, **k)
+            finally:
+                spent[key or name] = spent.get(key or name, 0.0) + time.perf_counter() - t
+        setattr(cls, name, wrapper)
+        return f
+
+    forward = type(base).forward_in_place
+
+    def forward_in_place(self, kv, *blocks):  # a decode-only pass, or one with newcomers joined
+        t = time.perf_counter()
+        try:
+            return forward(self, kv, *blocks)
+        finally:
+            key = "pass: decode only" if len(blocks) == 1 and blocks[0].ids.shape[1] == 1 else "pass: with newcomers"
+            spent[key] = spent.get(key, 0.0) + time.perf_counter() - t
+            spent["passes " + key[6:]] = spent.get("passes " + key[6:], 0) + 1
+
+    busy = []
+    decode_block = Engine._decode_block
+
+    def counting_decode_block(self):
+        busy.append(len(self.batch.rows))
+        return decode_block(self)
+
+    originals = [(type(base), "forward_in_place", forward), (Engine, "_decode_block", decode_block)]
+    type(base).forward_in_place, Engine._decode_block = forward_in_place, counting_decode_block
+    originals.append((Engine, "_sample", timed(Engine, "_sample", "sampling")))
+    originals += [(DecodeBatch, n, timed(DecodeBatch, n, f"batch cache: {n}")) for n in ("open", "join", "keep", "grow")]
+    try:
+        clients(base, entries, 4, 16, 8)  # warm-up
+        for r in range(rounds):
+            spent.clear()
+            busy.clear()
+            t = time.perf_counter()
+            rate = clients(base, entries, 4, 288)
+            wall = time.perf_counter() - t
+            print(f"round {r}: {rate:.1f} tok/s, {wall:.1f} s, rows busy per decode step {statistics.mean(busy):.1f}")
+            for key, v in sorted(spent.items()):
+                print(f"  {key:28s} {v:8.0f}" if key.startswith("passes") else f"  {key:28s} {v:7.2f} s {v / wall:6.1%}")
+    finally:
+        for cls, name, f in originals:
+            setattr(cls, name, f)
+
+
+def newcomer(base, entries, rounds: int) -> None:
+    engine = Engine(base)
+
+    def running():
+        engine.reset()
+        engine.add(greedy_requests(base, entries, 31, 0, max_tokens=10**6))
+        for _ in range(20):
+            engine.decode()
+
+    def arrivals(m, t):  # one token each, then done (their rows leave in the same step: included in the cost)
+        return [Sequence(list(range(1000, 1000 + t)), SamplingParams(max_tokens=1, temperature=0), entries[f"p{i}"])
+                for i in range(m)]
+
+    cases = [(0, 0), (1, 1), (1, 15), (4, 1), (4, 15)]
+    times: dict = {}
+    with torch.inference_mode():
+        running()
+        for r in range(rounds):
+            for m, t in cases if r % 2 == 0 else cases[::-1]:
+                arriving = arrivals(m, t)
+                start = time.perf_counter()
+                engine.step(arriving)  # no newcomers: a decode step
+                times.setdefault((m, t), []).append(1000 * (time.perf_counter() - start))
+            if engine.batch.width > 120:
+                running()
+    for (m, t), ms in times.items():
+        what = "decode step alone" if not m else f"+ {m} newcomer{'s' * (m > 1)} of {t} token{'s' * (t > 1)}"
+        print(f"{what:30s} median {statistics.median(ms):6.1f} ms")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["prefill", "clients", "joint", "draft"])
+    ap.add_argument("what", choices=["prefill", "clients", "joint", "draft", "where", "newcomer"])
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--out", default="runs/bench-serve")
     args = ap.parse_args()
@@ -200,7 +289,8 @@ def main() -> None:
     base = load_model(None)
     entries = {p.name: PromptEntry(p.name, SoftPrompt.load(p, base).embeddings.to(base.dtype))
                for p in sorted((out / "prompts").iterdir())}
-    {"prefill": prefill_ab, "clients": clients_ab, "joint": joint_ab, "draft": draft_ab}[args.what](base, entries, args.rounds)
+    {"prefill": prefill_ab, "clients": clients_ab, "joint": joint_ab, "draft": draft_ab, "where": where,
+     "newcomer": newcomer}[args.what](base, entries, args.rounds)
 
 
 if __name__ == "__main__":
