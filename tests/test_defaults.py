@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ import torch
 from conftest import chat_model_copy, sentiment_rows, write_jsonl
 from softprompt import SoftPromptError, load_model, train
 from softprompt import precision
-from softprompt.budget import END_RESERVE_S, SAFETY, BudgetPlanner, RunLength, parse_duration
+from softprompt.budget import END_RESERVE_S, SAFETY, BudgetPlanner, RunLength, pace, parse_duration, process_age
 from softprompt.cli import main
 from softprompt.train import lr_at
 
@@ -139,13 +140,18 @@ def test_budget_planner_fits_the_steps_into_the_budget_and_corrects_itself():
     more = int((284 * SAFETY - END_RESERVE_S) / 1.0)
     assert state["total"] == 6 + more and state["next_plan"] == 6 + more // 3
     first_total, first_next = state["total"], state["next_plan"]
-    steps(first_next - 6, 2.0)  # slower steps than measured: the plan shrinks to fit
-    now_at, slow = 16 + 2.0 * (first_next - 6), first_next - 6
-    mean = (5 * 1.0 + slow * 2.0) / (5 + slow)
-    assert state["total"] == first_next + int(((300 - now_at) * SAFETY - END_RESERVE_S) / mean) < first_total
+    steps(first_next - 6, 2.0)  # slower steps than measured: the plan shrinks to fit, at the latest steps' pace
+    now_at = 16 + 2.0 * (first_next - 6)
+    assert state["total"] == first_next + int(((300 - now_at) * SAFETY - END_RESERVE_S) / 2.0) < first_total
     while state["next_plan"] is not None:
         steps(1, 2.0)
     assert now + 2.0 * (state["total"] - state["step"]) <= 300  # it ends inside the budget
+    # The last stretch: when its steps slow down (here by half), the tail shrinks to what still fits.
+    final, said = state["total"], None
+    while state["step"] < state["total"]:
+        said = steps(1, 3.0) or said
+    assert said and "slowed" in said and state["total"] < final
+    assert now <= 300 - END_RESERVE_S  # the planned 2 s steps took 3 s, and the run still ends in time
     # Validation passes to come are part of the cost of a step.
     with_eval = BudgetPlanner(length, started=0.0, step_times=[1.0] * 7, eval_times=[20.0])
     st = {"step": 7, "total": 1000, "next_plan": 6}
@@ -155,6 +161,51 @@ def test_budget_planner_fits_the_steps_into_the_budget_and_corrects_itself():
     st = {"step": 6, "total": 50, "next_plan": 6}
     BudgetPlanner(capped, started=0.0, step_times=[1.0] * 6).replan(st, 6.0, eval_every=None)
     assert st["total"] == 50 and st["next_plan"] is None  # the epoch cap binds: nothing more to plan
+
+
+def test_pace_follows_a_slowdown_but_not_a_speedup():
+    assert pace([9.0] + [1.0] * 30) == 1.0  # the first step's one-off costs are not counted
+    assert pace([1.0] * 20 + [2.0] * 10) == 2.0  # slower lately: plan at the latest pace
+    assert pace([2.0] * 20 + [1.0] * 10) == pytest.approx(48 / 29)  # faster lately: the mean, the safer guess
+
+
+def test_replanning_runs_at_the_same_steps_in_every_process():
+    """`due` reads only the shared plan (not the local clock): distributed processes agree on when to sync."""
+    planner = BudgetPlanner(RunLength(cap=None, budget_s=100.0, how="x"), started=0.0, step_times=[1.0] * 3)
+    assert planner.due({"step": 6, "total": 50, "next_plan": 6}) and not planner.due({"step": 5, "total": 50,
+                                                                                      "next_plan": 6})
+    assert [s for s in range(40, 50) if planner.due({"step": s, "total": 50, "next_plan": None})] == [42, 48]
+    assert not BudgetPlanner(RunLength(cap=5, budget_s=None, how="x"), started=0.0).due({"step": 6, "total": 5,
+                                                                                          "next_plan": None})
+
+
+def test_process_age_is_this_process_s():
+    age = process_age()
+    if age is None:
+        pytest.skip("no /proc here")
+    import time
+
+    assert 0.0 < age < time.monotonic() + 1.0  # it started before now, and after the machine booted
+
+
+def test_the_command_s_budget_counts_from_the_process_start(monkeypatch, tmp_path):
+    """The command line's train gets the process's start (imports included); a call from Python, its own."""
+    from softprompt import cli
+
+    seen = []
+    monkeypatch.setattr(cli, "process_age", lambda: 7.0)
+    monkeypatch.setattr(cli, "_cmd_train", lambda args: seen.append(args.started_at) or 0)
+    import time
+
+    before = time.perf_counter()
+    monkeypatch.setattr(sys, "argv", ["softprompt", "train", "--data", "x.jsonl", "--output", str(tmp_path)])
+    cli.main()
+    cli.main(["train", "--data", "x.jsonl", "--output", str(tmp_path)])
+    after = time.perf_counter()
+    assert before - 7.0 <= seen[0] <= after - 7.0 and before <= seen[1] <= after
+    monkeypatch.setattr(cli, "process_age", lambda: 3600.0)  # a long-lived program calling main(): not the wait
+    cli.main()
+    assert seen[2] >= before
 
 
 def test_time_budget_run_plans_its_steps_and_decays_to_zero(tiny_model_dir, tmp_path, monkeypatch):

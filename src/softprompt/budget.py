@@ -9,9 +9,11 @@ is saved in the checkpoint: a resumed run keeps it, so resume stays exact.
 from __future__ import annotations
 
 import math
+import os
 import re
 import statistics
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from .errors import SoftPromptError
 
@@ -19,7 +21,7 @@ DEFAULT_EPOCHS = 3.0
 DEFAULT_TIME_BUDGET = "10m"
 CALIBRATION_STEPS = 6  # timed before the total is fixed; the first step (one-off costs) is not counted
 SAFETY = 0.97  # plan to end a little before the deadline: step times wander
-END_RESERVE_S = 5.0  # writing the artifact and the plot; the interpreter's start before the clock could start
+END_RESERVE_S = 5.0  # writing the artifact and the plot after the last step
 
 
 def parse_duration(text: str | float | int, field_name: str = "time_budget") -> float:
@@ -34,6 +36,27 @@ def parse_duration(text: str | float | int, field_name: str = "time_budget") -> 
     if not math.isfinite(seconds) or seconds <= 0:
         raise SoftPromptError(f"{field_name}: the budget must be a positive duration, got {text!r}")
     return seconds
+
+
+def process_age() -> float | None:
+    """Seconds since this process started (Linux's /proc), or None where that cannot be read. The command's
+    budget counts the user's whole wait, the interpreter's start and the imports (several seconds) included."""
+    try:
+        fields_after_name = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        started_ticks = int(fields_after_name[19])  # field 22 of proc(5), starttime: clock ticks after boot
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return max(0.0, uptime - started_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
+def pace(step_times: list[float]) -> float:
+    """Seconds a step, for planning the steps still to come: the mean of the steps so far, or of the latest third
+    when those ran slower. This machine's speed drifts by tens of percent within minutes; planning on the whole
+    mean after a slowdown overran a 600 s budget by 4 s."""
+    counted = step_times[1:] or step_times  # the first step pays one-off costs
+    recent = counted[-max(CALIBRATION_STEPS, len(counted) // 3):]
+    return max(sum(counted) / len(counted), sum(recent) / len(recent))
 
 
 @dataclass
@@ -73,8 +96,9 @@ class BudgetPlanner:
     """Fixes (and keeps correcting) the total step count of a budgeted run from measured step and validation times.
 
     Steps differ in cost (batches are grouped by length), so a few early steps misjudge the mean: the plan is
-    made after CALIBRATION_STEPS, then remade each time a third of the remaining steps is done, from the mean
-    of all steps so far. Late corrections are small, so the schedule's shape barely moves.
+    made after CALIBRATION_STEPS, then remade each time a third of the remaining steps is done, at the `pace`
+    of the steps so far. Late corrections are small, so the schedule's shape barely moves. In the last stretch
+    the plan only shrinks, and only when the deadline would be missed at the latest steps' pace.
     """
 
     length: RunLength
@@ -87,23 +111,42 @@ class BudgetPlanner:
         if eval_s is not None:
             self.eval_times.append(eval_s)
 
+    def due(self, state: dict) -> bool:
+        """Whether `replan` runs at this step: the planned step, and in the last stretch every CALIBRATION_STEPS
+        steps. It reads only the plan's state, so every process of a distributed run gives the same answer."""
+        if self.length.budget_s is None:
+            return False
+        if state.get("next_plan") is not None:
+            return state["step"] >= state["next_plan"]
+        return state["step"] % CALIBRATION_STEPS == 0 and state["step"] < state["total"]
+
     def replan(self, state: dict, now: float, eval_every: int | None) -> str | None:
-        """Update state['total'] when a plan is due (state['next_plan'] reached); returns a line saying what was
-        chosen, or None when nothing changed. state['next_plan'] None: the plan is final."""
-        due = state.get("next_plan")
-        if self.length.budget_s is None or due is None or state["step"] < due:
+        """Update state['total'] when a plan is due (state['next_plan'] reached), or shorten it in the last stretch
+        (state['next_plan'] None) when the run would end past the budget; returns a line saying what was chosen,
+        or None when nothing changed."""
+        if not self.due(state) or not self.step_times:
             return None
-        counted = self.step_times[1:] or self.step_times  # the first step pays one-off costs
-        step_s = sum(counted) / len(counted)
+        due = state.get("next_plan")
+        step_s = pace(self.step_times)
         eval_s = statistics.median(self.eval_times) if self.eval_times else 0.0
         per_step = step_s + (eval_s / eval_every if eval_every else 0.0)  # validation passes still to come
         left = self.started + self.length.budget_s - now
+        if due is None:  # the last stretch: the latest steps' pace decides whether the tail still fits
+            latest = self.step_times[-2 * CALIBRATION_STEPS:]
+            per_step = max(per_step, sum(latest) / len(latest))
+            fits = state["step"] + max(0, int((left - END_RESERVE_S) / per_step))
+            if fits >= state["total"]:
+                return None
+            state["total"] = max(state["step"] + 1, fits)  # the lr is near zero here: a shorter tail bends nothing
+            return (f"time budget {self.length.budget_s:.0f}s: {state['total']} steps at step {state['step']} "
+                    f"(the steps slowed to {per_step:.3f}s)")
         more = max(0, int((left * SAFETY - END_RESERVE_S - eval_s) / per_step))
         total = state["step"] + more
         capped = self.length.cap is not None and total >= self.length.cap
         state["total"] = self.length.cap if capped else total
         remaining = state["total"] - state["step"]
-        # The last eighth runs on the plan as it stands: a correction there would bend the decay for a second or two.
+        # The last eighth runs on the plan as it stands (unless it would overrun): a correction there would bend
+        # the decay for a second or two.
         last = capped or remaining < max(3 * CALIBRATION_STEPS, state["total"] // 8)
         state["next_plan"] = None if last else state["step"] + remaining // 3
         return (f"time budget {self.length.budget_s:.0f}s: {state['total']} steps planned at step {state['step']} "

@@ -11,20 +11,20 @@ import time
 import warnings
 from dataclasses import replace
 
+from .budget import process_age
 from .config import (DistillConfig, EvalConfig, GenerateConfig, InspectConfig, ServeConfig, TrainConfig,
                      add_dataclass_args, config_from_args)
 from .errors import SoftPromptError
 from .progress import show_load_progress
 
-_STARTED = time.perf_counter()  # a --time-budget counts the user's whole wait: imports and model loading too
-
+MAX_STARTUP_S = 120.0  # an older process (a program that calls main() late) is not the user's wait
 
 def _cmd_train(args) -> int:
     from .train import train
 
     cfg = config_from_args(TrainConfig, args)
     try:
-        result = train(cfg, started_at=_STARTED)
+        result = train(cfg, started_at=args.started_at)
     except KeyboardInterrupt:
         _say(f"interrupted: checkpoint saved in {cfg.output}; continue with --resume")
         return 130
@@ -299,10 +299,15 @@ def _log_to_stderr() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # A --time-budget counts the user's whole wait: for the command itself (argv None) from the process's start,
+    # imports and model loading included; for a call from Python code, from this call.
+    age = process_age() if argv is None else None
+    started_at = time.perf_counter() - (age if age is not None and age < MAX_STARTUP_S else 0.0)
     warnings.formatwarning = lambda msg, cat, *a, **k: f"softprompt: warning: {msg}\n"
     _log_to_stderr()
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     args = build_parser().parse_args(argv)
+    args.started_at = started_at
     if args.command != "demo" and os.environ.get("RANK", "0") == "0":  # the demo prints its own loading line
         show_load_progress()  # "loading model X ... done in 21s" on stderr
     debug = bool(os.environ.get("SOFTPROMPT_DEBUG"))

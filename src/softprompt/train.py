@@ -214,9 +214,11 @@ def train(config: TrainConfig | dict | None = None, /, *, base: BaseModel | None
                         best = current.clone()
                     eval_s = time.perf_counter() - t_eval
                 planner.observe(step_s, eval_s)
-                said = planner.replan(state, time.perf_counter(), eval_every if valset else None)
-                if said:
+                said = None
+                if planner.due(state):  # the same step in every process: the collective below is safe
+                    said = planner.replan(state, time.perf_counter(), eval_every if valset else None)
                     _agree_on_plan(world, state, base.device)
+                if said:
                     bar.total = state["total"]
                     record["planned_steps"] = state["total"]
                     if world.is_main:
