@@ -19,6 +19,7 @@ from .progress import show_load_progress
 
 MAX_STARTUP_S = 120.0  # an older process (a program that calls main() late) is not the user's wait
 
+
 def _cmd_train(args) -> int:
     from .train import train
 

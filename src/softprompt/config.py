@@ -59,11 +59,11 @@ class TrainConfig:
     reparam_hidden: int = opt(0, "hidden size of the reparameterisation encoder (0: the model's hidden size)")
     steps: int | None = opt(None, "optimizer steps (overrides --epochs)")
     epochs: float | None = opt(None, "passes over the training data when --steps is not given")
-    time_budget: str | None = opt(None, "wall-clock budget for the whole run, counted from the "
-                                  "command's start (imports and model loading included), e.g. 90s, 10m, 1.5h: the "
-                                  "first steps are timed, then the step count is fixed so that warmup and decay "
-                                  "still fit, and corrected when the steps slow down. Default run length, when none of --steps, --epochs, "
-                                  "--time-budget is given: 3 epochs, at most 10 minutes")
+    time_budget: str | None = opt(None, "wall-clock budget for the whole run, counted from the command's start "
+                                  "(imports and model loading included), e.g. 90s, 10m, 1.5h: the first steps are "
+                                  "timed, then the step count is fixed so that warmup and decay still fit, and "
+                                  "corrected when the steps slow down. Default run length, when none of --steps, "
+                                  "--epochs, --time-budget is given: 3 epochs, at most 10 minutes")
     batch_size: int = opt(16, "examples per optimizer step (global, over all processes and accumulation)")
     grad_accum: int = opt(1, "split each step's batch into this many micro-batches (saves memory, same result)")
     lr: float | None = opt(None, "peak learning rate (default 0.1; 0.01 for a deep prompt or with --reparam; 1e-5 with both: keys/values and encoder weights need smaller steps; prompt tuning needs far higher rates than fine-tuning)")
