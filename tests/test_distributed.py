@@ -81,3 +81,17 @@ def test_scale_bench_runs_through_torchrun_and_fsdp(tmp_path):
 
     report = json.loads((tmp_path / "scale-tiny.json").read_text())
     assert report["fsdp"] and report["steps"] == 3 and report["tokens_per_s"] > 0
+
+
+def test_a_time_budget_run_on_two_processes_ends_on_one_plan(tiny_model_dir, sentiment_files, tmp_path):
+    """Each process times its own steps, yet they must run the same steps: the plan and its later corrections are
+    process 0's, agreed on at steps every process reaches (a collective one process skipped would hang)."""
+    import json
+
+    _torchrun("train", "--data", str(sentiment_files[0]), "--model", str(tiny_model_dir), "--output",
+              str(tmp_path / "b"), "--time-budget", "12s", "--epochs", "10000", "--batch-size", "8",
+              "--virtual-tokens", "3", "--no-progress", "--save-every", "100000")
+    log = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    planned = [r["planned_steps"] for r in log if "planned_steps" in r]
+    assert len(planned) >= 3 and planned[-1] == len(log) < 60000  # the budget, not the epochs, ended it
+    assert log[-1]["elapsed_s"] < 12
