@@ -14,6 +14,9 @@ same 8 soft prompts, and answer the same `POST /v1/completions` requests (greedy
     and 32 concurrent clients; time to first token at 1 client (streaming).
   - hf: `model.generate(inputs_embeds=[prompt | input embeddings])` per request, one at a time (on the event loop): PEFT's
     prompt-tuning computation, without PEFT (whose transformers-5 cache bug re-injects the prompt every step).
+  - hf-float32: the same in float32, when the measured dtype is another: one row at a time is a different workload
+    (bf16 GEMMs at one row can be slower than fp32's), so the speed-up is also reported against the faster of the
+    two HF servers in each round (`speedup_vs_fastest_hf`).
 The machine's bound for a batch of 32 decode steps: decode FLOPs / measured matmul rate at the model's own decode
 shapes, and weight bytes / measured memory bandwidth. In bf16, greedy agreement with fp32 is measured, not assumed.
 Every output text is compared across concurrency levels and backends. Then a load test sends thousands of requests
@@ -73,7 +76,7 @@ def free_port() -> int:
 # ---- the Hugging Face generate baseline server ------------------------------------------------------------------
 
 
-def hf_app(prompts_dir: Path):
+def hf_app(prompts_dir: Path, dtype: str = "auto"):
     import torch
     from starlette.applications import Starlette
     from starlette.requests import Request
@@ -83,7 +86,7 @@ def hf_app(prompts_dir: Path):
     from softprompt import SoftPrompt, load_model
     from softprompt.sampling import eos_ids
 
-    base = load_model(None)
+    base = load_model(None, dtype=dtype)
     model, tok = base.model, base.tokenizer
     prompts = {p.name: SoftPrompt.load(p, base).embeddings.detach().to(base.dtype) for p in sorted(prompts_dir.iterdir())}
     eos = eos_ids(tok, model)
@@ -193,7 +196,8 @@ def greedy_agreement(prompts_dir: Path, n: int) -> dict:
 
 
 class ServerProcess:
-    """`softprompt` (this checkout), `softprompt@REF` (a git worktree of REF, for before/after) or `hf`."""
+    """`softprompt` (this checkout), `softprompt@REF` (a git worktree of REF, for before/after), `hf` (HF in the
+    measured dtype) or `hf-DTYPE`."""
 
     def __init__(self, backend: str, out: Path, port: int):
         self.url = f"http://127.0.0.1:{port}"
@@ -208,7 +212,8 @@ class ServerProcess:
             cmd = [sys.executable, "-m", "softprompt", "serve", "--prompts", str(out / "prompts"), "--port", str(port),
                    "--watch-interval", "0", "--max-waiting", "1024", "--max-output-tokens", "64"]
         else:
-            cmd = [sys.executable, __file__, "--hf-server", str(out / "prompts"), "--port", str(port)]
+            cmd = [sys.executable, __file__, "--hf-server", str(out / "prompts"), "--port", str(port),
+                   "--hf-dtype", backend.partition("-")[2] or "auto"]
         self.log = open(out / f"server-{backend.replace('@', '-')}.log", "w")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
 
@@ -375,7 +380,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/bench-serve")
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--backends", default="softprompt,hf")
+    ap.add_argument("--backends", default="softprompt,hf,hf-float32",
+                    help="hf-float32 is left out when the measured dtype is float32 itself")
     ap.add_argument("--ref", help="also serve with softprompt from this git commit (before/after, same run)")
     ap.add_argument("--load-requests", type=int, default=2000)
     ap.add_argument("--per-client", type=int, default=8,
@@ -385,11 +391,12 @@ def main() -> None:
                     "report medians (the ratio per round)")
     ap.add_argument("--hf-server", help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--hf-dtype", default="auto", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.hf_server:  # the baseline server process
         import uvicorn
 
-        uvicorn.run(hf_app(Path(args.hf_server)), host="127.0.0.1", port=args.port, log_level="warning")
+        uvicorn.run(hf_app(Path(args.hf_server), args.hf_dtype), host="127.0.0.1", port=args.port, log_level="warning")
         return
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -397,7 +404,7 @@ def main() -> None:
     # (clients, requests) per backend: one request at a time gains nothing from more clients. Each client sends
     # --per-client requests in turn: a level's tokens/s is its steady state only when the tail (the last
     # requests, finishing while their clients' next ones no longer come) is a small part of the run.
-    levels = {"hf": [(1, 4)] if args.quick else [(1, 32)]}  # ~40 s a round: HF's speed drifts within minutes
+    hf_levels = [(1, 4)] if args.quick else [(1, 32)]  # ~40 s a round: HF's speed drifts within minutes
     per = 1 if args.quick else args.per_client
     sp_levels = [(1, 2 if args.quick else 8), (8, 8 * per), (32, 32 * per)]
     t0 = time.time()
@@ -406,6 +413,8 @@ def main() -> None:
     results: dict = {"levels": {}, "ttft": {}, "max_tokens": MAX_TOKENS, "load_before": os.getloadavg()}
     results["bound"] = in_child("machine_bound", 32)
     print("machine bound:", json.dumps(results["bound"]), flush=True)
+    if results["bound"]["dtype"] == "float32" and "hf-float32" in backends:
+        backends.remove("hf-float32")  # the same server as hf
     # Every server up at once (idle ones cost nothing), then ROUNDS: each round measures every backend in turn
     # (the order alternating), and the ratio is taken per round and reported as the median. This machine's speed
     # drifts by +-25 % over minutes (other tenants), which a single pass per backend turns into the ratio.
@@ -420,7 +429,7 @@ def main() -> None:
             this = {}
             for backend in (backends if r % 2 == 0 else backends[::-1]):
                 this[backend] = []
-                for concurrency, n in levels.get(backend, sp_levels):
+                for concurrency, n in (hf_levels if backend.startswith("hf") else sp_levels):
                     res = asyncio.run(run_level(servers[backend].url, model_name, concurrency, n))
                     this[backend].append(res)
                     print(f"round {r} {backend:10s} c={concurrency:2d} n={n:3d} {res['tokens_per_s']:7.1f} tok/s "
@@ -436,6 +445,11 @@ def main() -> None:
                          for rd in rounds]
             results["speedup_vs_hf_per_round"] = per_round
             results["speedup_vs_hf"] = {c: statistics.median(pr[c] for pr in per_round) for c in per_round[0]}
+            hfs = [b for b in backends if b.startswith("hf")]
+            per_round = [{x["concurrency"]: x["tokens_per_s"] / max(rd[b][0]["tokens_per_s"] for b in hfs)
+                          for x in rd["softprompt"]} for rd in rounds]
+            results["speedup_vs_fastest_hf_per_round"] = per_round
+            results["speedup_vs_fastest_hf"] = {c: statistics.median(pr[c] for pr in per_round) for c in per_round[0]}
         for backend in backends:
             if not backend.startswith("softprompt"):
                 continue
@@ -457,10 +471,14 @@ def main() -> None:
     if results["bound"]["dtype"] != "float32":
         results["greedy_agreement"] = in_child("greedy_agreement", str(out / "prompts"), 16 if args.quick else 96)
         print("greedy agreement:", json.dumps(results["greedy_agreement"]), flush=True)
-    # greedy parity: the same (prompt, text) must give the same text at every concurrency and in every backend
+    # greedy parity: the same (prompt, text) must give the same text at every concurrency and in every backend of
+    # the measured dtype (another dtype's greedy path may part: measured above as the agreement)
     seen: dict[str, set] = {}
     for backend, rows in results["levels"].items():
         for r in rows:
+            if backend == "hf-float32" and results["bound"]["dtype"] != "float32":
+                r.pop("outputs")
+                continue
             for outputs in r.pop("outputs"):
                 for key, text in outputs.items():
                     seen.setdefault(key, set()).add(text)
