@@ -93,5 +93,7 @@ def test_a_time_budget_run_on_two_processes_ends_on_one_plan(tiny_model_dir, sen
               "--virtual-tokens", "3", "--no-progress", "--save-every", "100000")
     log = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     planned = [r["planned_steps"] for r in log if "planned_steps" in r]
-    assert len(planned) >= 3 and planned[-1] == len(log) < 60000  # the budget, not the epochs, ended it
+    # The epochs' plan, then the budget's (and its corrections, as many as the time left after a cold start of two
+    # processes allows: on a fresh CI machine only the first plan may fit): the budget, not the epochs, ended it.
+    assert planned[0] == 60000 and len(planned) >= 2 and planned[-1] == len(log) < 60000
     assert log[-1]["elapsed_s"] < 12
